@@ -1,0 +1,186 @@
+"""Generic CSV / TSV / Parquet check-ins with a column mapping.
+
+The mapping names, for each canonical column, the source column: ``user_id``, ``location_id``, and either
+``timestamp`` (epoch seconds or milliseconds, or date-time strings) or ``day`` + ``minute`` (a relative day number and
+the minute of the day, for sources without calendar dates), plus optional ``latitude``, ``longitude`` (else taken from
+a location table), ``tz_offset_min``, ``weekday`` (0 = Monday; only with ``day``), ``category``, ``name``,
+``address``. Date-time strings without a time zone are taken as local clock time (``tz_offset_min`` 0).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..schema import DataValidationError, OnError, RowAccount
+from .base import DEFAULT_CHUNKSIZE, LoadedCheckins, assemble_checkins, iter_table_chunks, to_epoch_seconds
+
+__all__ = ["CSV_MAPPABLE", "parse_column_mapping", "read_csv_checkins"]
+
+CSV_MAPPABLE = (
+    "user_id",
+    "location_id",
+    "timestamp",
+    "day",
+    "minute",
+    "latitude",
+    "longitude",
+    "tz_offset_min",
+    "weekday",
+    "category",
+    "name",
+    "address",
+)
+EPOCH_DAY0_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0)
+
+
+def parse_column_mapping(spec: str | dict[str, str] | None) -> dict[str, str]:
+    """``"user_id=userId,location_id=venue"`` (or a dict) to ``{canonical: source}``, checking the canonical names."""
+    if spec is None or spec == "":
+        return {}
+    if isinstance(spec, dict):
+        mapping = dict(spec)
+    else:
+        mapping = {}
+        for item in spec.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if "=" not in item:
+                raise ValueError(f"bad column mapping item {item!r}: expected canonical=source, e.g. user_id=userId")
+            key, value = (s.strip() for s in item.split("=", 1))
+            if not key or not value:
+                raise ValueError(f"bad column mapping item {item!r}: expected canonical=source, e.g. user_id=userId")
+            mapping[key] = value
+    unknown = sorted(set(mapping) - set(CSV_MAPPABLE))
+    if unknown:
+        raise ValueError(f"unknown canonical column(s) {unknown} in the column mapping; allowed: {list(CSV_MAPPABLE)}")
+    return mapping
+
+
+def _sep_for(path: Path, sep: str | None) -> str | None:
+    if sep is not None:
+        return sep
+    name = path.name.lower().removesuffix(".gz")
+    return "\t" if name.endswith((".tsv", ".txt")) else ","
+
+
+def read_csv_checkins(
+    path: str | os.PathLike,
+    *,
+    columns: str | dict[str, str] | None = None,
+    on_error: OnError = "drop",
+    encoding: str | None = None,
+    sep: str | None = None,
+    timestamp_format: str | None = None,
+    locations: pd.DataFrame | None = None,
+    chunksize: int = DEFAULT_CHUNKSIZE,
+    coord_tolerance: float = 1e-5,
+    account: RowAccount | None = None,
+) -> LoadedCheckins:
+    """Read check-ins from any CSV/TSV (gzip allowed) or Parquet file with a column mapping.
+
+    Args:
+        columns (`str` or `dict`, *optional*): canonical=source pairs; columns already named canonically need no
+            entry.
+        timestamp_format (`str`, *optional*): a ``strftime`` format for string timestamps; by default ISO 8601, then
+            pandas' mixed-format parser.
+        sep (`str`, *optional*): the delimiter; by default tab for ``.tsv``/``.txt``, else comma.
+    """
+    path = Path(path)
+    mapping = parse_column_mapping(columns)
+    account = account if account is not None else RowAccount()
+    state: dict = {"relative": None, "timestamp_unit": None, "weekday_offsets": []}
+    dropped: dict[str, int] = {}
+
+    def parse(raw: pd.DataFrame) -> pd.DataFrame:
+        src = {canon: mapping.get(canon, canon) for canon in CSV_MAPPABLE}
+        present = {canon: col for canon, col in src.items() if col in raw.columns}
+        need = ["user_id", "location_id"]
+        relative = "timestamp" not in present
+        if relative:
+            need += ["day", "minute"]
+        missing = [c for c in need if c not in present]
+        if missing:
+            hint = "" if not relative or "day" in present else " (or timestamp)"
+            raise DataValidationError(
+                f"{path}: missing column(s) {[src[c] for c in missing]} for {missing}{hint}; the file has "
+                f"{list(raw.columns)}. Map them with --columns canonical=source (e.g. user_id=userId).",
+                file=str(path),
+                column=src[missing[0]],
+            )
+        state["relative"] = relative
+        out = pd.DataFrame(index=raw.index)
+        out["user_id"] = raw[present["user_id"]].astype("string").str.strip()
+        out["location_id"] = raw[present["location_id"]].astype("string").str.strip()
+        if relative:
+            day = pd.to_numeric(raw[present["day"]], errors="coerce")
+            minute = pd.to_numeric(raw[present["minute"]], errors="coerce")
+            bad = day.isna() | minute.isna() | (day < 0) | (minute < 0) | (minute >= 1440)
+            ts = (day * 86400 + minute * 60).where(~bad)
+            out["timestamp"] = pd.array(np.floor(ts.to_numpy(dtype="float64", na_value=np.nan)), dtype="Int64")
+            if "weekday" in present:
+                wd = pd.to_numeric(raw[present["weekday"]], errors="coerce")
+                ok = wd.notna() & day.notna()
+                state["weekday_offsets"].append(((wd[ok] - day[ok]) % 7).astype("int64").to_numpy())
+        else:
+            out["timestamp"] = _parse_timestamps(raw[present["timestamp"]], timestamp_format, state)
+        for canon in ("latitude", "longitude", "tz_offset_min"):
+            if canon in present:
+                out[canon] = pd.to_numeric(raw[present[canon]], errors="coerce")
+        for canon in ("category", "name", "address"):
+            if canon in present:
+                out[canon] = raw[present[canon]].astype("string")
+        return out
+
+    chunks = iter_table_chunks(
+        path, sep=_sep_for(path, sep), header=True, encoding=encoding, chunksize=chunksize, on_error=on_error,
+        account_dropped=dropped,
+    )
+    checkins, locs = assemble_checkins(
+        chunks, parse, file=str(path), on_error=on_error, step_name=f"read csv {path.name}", account=account,
+        coord_tolerance=coord_tolerance, locations=locations, pre_dropped=dropped,
+        source_columns={canon: mapping.get(canon, canon) for canon in CSV_MAPPABLE},
+    )
+    meta: dict = {"format": "csv", "source_files": [str(path)], "column_mapping": mapping}
+    if state["relative"]:
+        offsets = np.concatenate(state["weekday_offsets"]) if state["weekday_offsets"] else np.array([], dtype=int)
+        day0 = int(np.bincount(offsets, minlength=7).argmax()) if offsets.size else 0
+        meta.update(
+            time_reference="relative_day0",
+            day0_weekday=day0,
+            local_time="timestamp = day * 86400 + minute * 60 (relative days; weekday = (day + day0_weekday) % 7)",
+        )
+    else:
+        meta.update(time_reference="utc_epoch", day0_weekday=EPOCH_DAY0_WEEKDAY, timestamp_unit=state["timestamp_unit"])
+        meta["local_time"] = (
+            "timestamp + tz_offset_min" if "tz_offset_min" in mapping or "tz_offset_min" in checkins else
+            "timestamps as given (strings without a zone are local clock time)"
+        )
+    return LoadedCheckins(checkins, locs, account, meta)
+
+
+def _parse_timestamps(values: pd.Series, fmt: str | None, state: dict) -> pd.Series:
+    numeric = pd.to_numeric(values, errors="coerce")
+    nonnull = values.notna()
+    if nonnull.any() and numeric[nonnull].notna().mean() > 0.9:
+        # numbers: epoch seconds, or milliseconds when the magnitudes say so (after 1973 in ms > 1e11)
+        unit = state["timestamp_unit"] or ("ms" if numeric.abs().max() > 1e11 else "s")
+        state["timestamp_unit"] = unit
+        secs = numeric / 1000 if unit == "ms" else numeric
+        return pd.Series(pd.array(np.floor(secs.to_numpy(dtype="float64", na_value=np.nan)), dtype="Int64"),
+                         index=values.index)
+    state["timestamp_unit"] = "datetime"
+    strings = values.astype("string").str.strip()
+    if fmt is not None:
+        dt = pd.to_datetime(strings, format=fmt, errors="coerce", utc=True)
+    else:
+        dt = pd.to_datetime(strings, format="ISO8601", errors="coerce", utc=True)
+        if dt.isna().sum() > strings.isna().sum():
+            retry = dt.isna() & strings.notna()
+            dt = dt.copy()
+            dt[retry] = pd.to_datetime(strings[retry], format="mixed", errors="coerce", utc=True)
+    return to_epoch_seconds(dt)

@@ -1,0 +1,126 @@
+"""YJMob100K / HuMob grid trajectories: ``uid,d,t,x,y`` (header optional, gzip or plain).
+
+Cells are 500 m on a 200 x 200 grid; the 2023/2024 releases use 1..200, the GIS Cup 2025 files 1..200 too, some
+derived files 0..199 — the reader records which (``coordinate_base``). ``999`` marks a hidden cell (the challenge's
+prediction targets); such rows are kept and counted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from ..schema import HIDDEN_CELL, DataValidationError, OnError, RowAccount, check_on_error, validate_grid
+from .base import DEFAULT_CHUNKSIZE, LoadedGrid, _is_gzip, blank_rows, iter_table_chunks, resolve_encoding
+
+__all__ = ["read_yjmob"]
+
+_NAMES = ["uid", "d", "t", "x", "y"]
+
+
+def _has_header(path: Path, encoding: str) -> bool:
+    import gzip
+
+    opener = gzip.open if _is_gzip(path) else open
+    with opener(path, "rt", encoding=encoding, errors="replace") as f:
+        first = f.readline()
+    fields = [s.strip().lower() for s in first.replace("\t", ",").split(",")]
+    return not all(s.lstrip("-").isdigit() for s in fields if s)
+
+
+def read_yjmob(
+    path: str | os.PathLike,
+    *,
+    on_error: OnError = "drop",
+    encoding: str | None = None,
+    grid_size: int = 200,
+    slots_per_day: int = 48,
+    chunksize: int = DEFAULT_CHUNKSIZE * 4,
+    account: RowAccount | None = None,
+) -> LoadedGrid:
+    """Read a HuMob grid file into the canonical grid table (uid int64, d int16, t int8, x/y int16).
+
+    Duplicate (uid, d, t) rows keep the first and are counted (``duplicate_slot``).
+    """
+    check_on_error(on_error)
+    path = Path(path)
+    account = account if account is not None else RowAccount()
+    if not path.exists():
+        raise FileNotFoundError(f"input file not found: {path}")
+    if path.stat().st_size == 0:
+        raise DataValidationError(f"{path}: the file is empty", file=str(path), expected="uid,d,t,x,y rows")
+    enc = resolve_encoding(path, encoding)
+    header = _has_header(path, enc)
+    sep = "\t" if path.name.lower().removesuffix(".gz").endswith((".tsv", ".txt")) else ","
+    dropped: dict[str, int] = {}
+    frames = []
+    rows_in = 0
+    for raw, lines in iter_table_chunks(path, sep=sep, names=_NAMES, header=header, encoding=enc,
+                                        chunksize=chunksize, on_error=on_error, account_dropped=dropped):
+        rows_in += len(raw)
+        if header:
+            cols = [c.strip().lower() for c in raw.columns]
+            if cols != _NAMES:
+                missing = [c for c in _NAMES if c not in cols]
+                if missing:
+                    raise DataValidationError(
+                        f"{path}: missing column(s) {missing}; the header has {list(raw.columns)} (expected "
+                        "uid,d,t,x,y)", file=str(path), column=missing[0])
+            raw = raw.set_axis(cols, axis=1)[_NAMES]
+        blank = blank_rows(raw)
+        if blank.any():
+            dropped["blank_line"] = dropped.get("blank_line", 0) + int(blank.sum())
+            raw, lines = raw.loc[~blank], lines[~blank]
+        good, d = validate_grid(raw, on_error=on_error, file=str(path), lines=lines, grid_size=grid_size,
+                                slots_per_day=slots_per_day)
+        for k, v in d.items():
+            dropped[k] = dropped.get(k, 0) + v
+        frames.append(pd.DataFrame({
+            "uid": pd.to_numeric(good["uid"]).astype("int64"),
+            "d": pd.to_numeric(good["d"]).astype("int16"),
+            "t": pd.to_numeric(good["t"]).astype("int8"),
+            "x": pd.to_numeric(good["x"]).astype("int16"),
+            "y": pd.to_numeric(good["y"]).astype("int16"),
+        }))
+    if rows_in == 0:
+        raise DataValidationError(f"{path}: the file has no data rows", file=str(path), expected="uid,d,t,x,y rows")
+    grid = pd.concat(frames, ignore_index=True)
+    if len(grid) == 0:
+        account.add(f"read yjmob {path.name}", rows_in, 0, dropped)
+        raise DataValidationError(f"{path}: no valid rows (dropped: {dropped})", file=str(path))
+    grid = grid.sort_values(["uid", "d", "t"], kind="stable", ignore_index=True)
+    dup = grid.duplicated(["uid", "d", "t"], keep="first").to_numpy()
+    if dup.any():
+        if on_error == "raise":
+            row = grid.loc[dup].iloc[0]
+            raise DataValidationError(
+                f"{path}: user {row['uid']} has several rows for day {row['d']} slot {row['t']}; expected at most one "
+                "row per (uid, d, t)", file=str(path), column="t", value=(int(row["uid"]), int(row["d"]), int(row["t"])),
+                expected="one row per (uid, d, t)")
+        dropped["duplicate_slot"] = int(dup.sum())
+        grid = grid.loc[~dup].reset_index(drop=True)
+    real = (grid["x"] != HIDDEN_CELL).to_numpy()
+    xs, ys = grid["x"].to_numpy()[real], grid["y"].to_numpy()[real]
+    has_zero = bool(real.any() and (min(xs.min(), ys.min()) == 0))
+    has_max = bool(real.any() and (max(xs.max(), ys.max()) == grid_size))
+    if has_zero and has_max:
+        raise DataValidationError(
+            f"{path}: cells use both 0 and {grid_size}; expected 1..{grid_size} or 0..{grid_size - 1}",
+            file=str(path), column="x", expected=f"1..{grid_size} or 0..{grid_size - 1}")
+    base = 0 if has_zero else 1
+    notes = {"hidden_rows": int((~real).sum())}
+    account.add(f"read yjmob {path.name}", rows_in, len(grid), dropped, notes)
+    meta = {
+        "format": "yjmob",
+        "source_files": [str(path)],
+        "coordinate_base": base,
+        "grid_size": grid_size,
+        "slots_per_day": slots_per_day,
+        "num_users": int(grid["uid"].nunique()),
+        "day_range": [int(grid["d"].min()), int(grid["d"].max())],
+        "hidden_cell": HIDDEN_CELL,
+        "time_reference": "relative_day0",
+    }
+    return LoadedGrid(grid, account, meta)

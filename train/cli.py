@@ -1,0 +1,247 @@
+"""The ``mobility`` command line.
+
+```
+mobility data synth   --out raw/ [--kind checkins|grid] [--users N] [--locations M] [--seed S]
+mobility data prepare --format foursquare --input raw/checkins.txt --locations raw/pois.csv --out data/
+mobility evaluate     --baseline all --data data/ [--split test] [--out metrics.json]
+mobility demo         --out runs/demo
+```
+
+Errors in the input go to stderr with exit code 2, never a bare traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("mobility")
+
+EXIT_BAD_INPUT = 2
+
+
+def _parse_day_range(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.split("-", 1)) if "-" in text else (int(text), int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FIRST-LAST days like 60-74, got {text!r}") from None
+    return a, b
+
+
+def _parse_fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions like 0.8,0.1,0.1, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mobility",
+        description="hf-mobility: human-mobility prediction on the Hugging Face stack. Prepare check-in or grid data, "
+        "evaluate baselines and models with one metric suite.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only print results and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="make, read and prepare datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+
+    synth = data_sub.add_parser(
+        "synth",
+        help="write a synthetic city as raw files (TSMC2014-style check-ins + POI table, or YJMob-style grid)",
+        description="Write a synthetic city in the formats real data comes in, so `data prepare` reads it with the "
+        "same readers as real data. Check-ins: checkins.txt (Foursquare TSMC2014, tab-separated, Latin-1) and "
+        "pois.csv (names, categories, coordinates). Grid: grid.csv (uid,d,t,x,y, 200x200 cells, 48 slots, 1-based).",
+    )
+    synth.add_argument("--out", required=True, type=Path, help="folder for the raw files (created)")
+    synth.add_argument("--kind", choices=["checkins", "grid"], default="checkins", help="check-ins or a HuMob grid")
+    synth.add_argument("--users", type=int, default=None, help="number of users (default 150 check-ins, 200 grid)")
+    synth.add_argument("--locations", type=int, default=500, help="number of POIs (check-ins only; default 500)")
+    synth.add_argument("--days", type=int, default=None, help="number of days (default 120 check-ins, 75 grid)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed of the users (default 0)")
+    synth.add_argument("--city-seed", type=int, default=None,
+                       help="seed of the city layout (default: --seed); change it for a second city")
+
+    prep = data_sub.add_parser(
+        "prepare",
+        help="read a raw file, validate, filter, split and write a dataset folder",
+        description="Read check-ins (foursquare, gowalla, csv) or a grid (yjmob), validate every row (bad rows are "
+        "dropped and counted, or stop the run with --on-error raise), filter, split and write Parquet + a dataset "
+        "card that `datasets.load_dataset(OUT, 'samples')` loads. Prints the row account.",
+    )
+    prep.add_argument("--format", required=True, choices=["foursquare", "gowalla", "yjmob", "csv"],
+                      help="input format")
+    prep.add_argument("--input", required=True, type=Path, help="the raw file (csv/tsv/txt, gzip, or parquet)")
+    prep.add_argument("--out", required=True, type=Path, help="output dataset folder (replaced if it is ours)")
+    prep.add_argument("--locations", type=Path, default=None,
+                      help="optional location/POI table (location_id plus name, category, address, latitude, "
+                      "longitude) merged into the location table; gives coordinates when the check-ins have none")
+    prep.add_argument(
+        "--columns",
+        default=None,
+        help="column mapping canonical=source for --format csv and for --locations, e.g. "
+        "user_id=userId,location_id=venueId,timestamp=utc_time,latitude=lat,longitude=lng; relative-time sources map "
+        "day=...,minute=... instead of timestamp (optional weekday=..., 0=Monday); also tz_offset_min, category, "
+        "name, address",
+    )
+    prep.add_argument("--on-error", choices=["drop", "raise"], default="drop",
+                      help="drop and count bad rows (default) or stop at the first with file, line and column")
+    prep.add_argument("--encoding", default=None, help="text encoding (default: detect UTF-8, else Latin-1)")
+    prep.add_argument("--min-user-visits", type=int, default=10, help="drop users with fewer check-ins (default 10)")
+    prep.add_argument("--min-location-visits", type=int, default=10,
+                      help="drop locations with fewer visits (default 10); filters repeat until stable")
+    prep.add_argument("--history-days", type=int, default=7, help="history window in days (default 7)")
+    prep.add_argument("--max-history", type=int, default=None, help="keep at most this many recent history visits")
+    prep.add_argument("--inductive-fraction", type=float, default=0.0,
+                      help="hold out this fraction of training locations for the inductive test (e.g. 0.1)")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the inductive hold-out and grid user split")
+    prep.add_argument("--predict-days", type=_parse_day_range, default=None,
+                      help="grid only: target days FIRST-LAST (default: the last 15 days of the span)")
+    prep.add_argument("--user-fractions", type=_parse_fractions, default=(0.8, 0.1, 0.1),
+                      help="grid only: train,validation,test shares of users (default 0.8,0.1,0.1)")
+    prep.add_argument("--grid-size", type=int, default=200, help="grid only: cells per side (default 200)")
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="evaluate baselines on a prepared dataset",
+        description="Score baselines on the samples of a prepared dataset with every metric of the suite that "
+        "applies: Acc@1/5/10/20, MRR, NDCG@5/10 for check-ins (and on unseen targets when the split has them); "
+        "GEO-BLEU (N=5 and N=3) and DTW for grids. Prints a table and writes JSON.",
+    )
+    ev.add_argument("--baseline", default="all",
+                    help="popularity, most-frequent, history-frequency, markov (check-ins), slot-mode (grids), or "
+                    "all (default)")
+    ev.add_argument("--data", required=True, type=Path, help="a folder written by `mobility data prepare`")
+    ev.add_argument("--split", default="test", help="split to score (default test)")
+    ev.add_argument("--out", type=Path, default=None, help="write the metrics JSON here (default DATA/metrics.json)")
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the demo on the embedded synthetic city and write a report",
+        description="Synthesise the default check-in city and grid city, prepare both, evaluate every baseline and "
+        "write OUT/report.md with the tables and plots.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic cities (default 0)")
+    demo.add_argument("--users", type=int, default=None, help="users per city (default: the synthesiser's)")
+    return parser
+
+
+def _synth(args) -> None:
+    from dataset_builders.synthetic import synthesize_checkins, synthesize_grid, write_yjmob
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if args.kind == "checkins":
+        kwargs = {"num_locations": args.locations, "seed": args.seed, "city_seed": args.city_seed}
+        if args.users is not None:
+            kwargs["num_users"] = args.users
+        if args.days is not None:
+            kwargs["num_days"] = args.days
+        city = synthesize_checkins(**kwargs)
+        paths = city.write_tsmc(args.out)
+        print(f"wrote {len(city.checkins):,} check-ins of {city.checkins['user_id'].nunique()} users at "
+              f"{len(city.pois):,} POIs in {time.time() - t0:.1f}s:")
+        for p in paths.values():
+            print(f"  {p}")
+        print(f"next: mobility data prepare --format foursquare --input {paths['checkins']} "
+              f"--locations {paths['pois']} --out DATA_DIR")
+    else:
+        kwargs = {"seed": args.seed, "city_seed": args.city_seed}
+        if args.users is not None:
+            kwargs["num_users"] = args.users
+        if args.days is not None:
+            kwargs["num_days"] = args.days
+        grid = synthesize_grid(**kwargs)
+        path = write_yjmob(grid, args.out / "grid.csv")
+        print(f"wrote {len(grid):,} grid rows of {grid['uid'].nunique()} users in {time.time() - t0:.1f}s: {path}")
+        print(f"next: mobility data prepare --format yjmob --input {path} --out DATA_DIR")
+
+
+def _prepare(args) -> None:
+    from dataset_builders.preprocess import (
+        CheckinPreprocessConfig,
+        GridPreprocessConfig,
+        prepare_checkins,
+        prepare_grid,
+    )
+    from dataset_builders.publish import write_prepared
+    from dataset_builders.readers import read_dataset
+
+    t0 = time.time()
+    if args.format == "yjmob":
+        config = GridPreprocessConfig(predict_days=args.predict_days, user_fractions=args.user_fractions,
+                                      seed=args.seed)
+    else:
+        config = CheckinPreprocessConfig(
+            min_user_visits=args.min_user_visits,
+            min_location_visits=args.min_location_visits,
+            history_days=args.history_days,
+            max_history=args.max_history,
+            inductive_fraction=args.inductive_fraction,
+            seed=args.seed,
+        )
+    loaded = read_dataset(args.format, args.input, columns=args.columns, locations_path=args.locations,
+                          on_error=args.on_error, encoding=args.encoding, grid_size=args.grid_size)
+    prepared = prepare_grid(loaded, config) if loaded.kind == "grid" else prepare_checkins(loaded, config)
+    out = write_prepared(prepared, args.out)
+    print(f"Row account ({args.input}):\n")
+    print(prepared.account.to_markdown())
+    unit = "users" if loaded.kind == "grid" else "samples"
+    sizes = ", ".join(f"{k} {v.num_rows:,}" for k, v in prepared.samples.items())
+    print(f"\nwrote {out} ({unit}: {sizes}) in {time.time() - t0:.1f}s")
+    print(f"load it with: datasets.load_dataset('{out}', 'samples')")
+
+
+def _evaluate(args) -> None:
+    from .evaluate import evaluate_baselines, format_results_table, write_json_atomic
+
+    report = evaluate_baselines(args.data, args.baseline, split=args.split)
+    print(f"{report['kind']} baselines on {args.data} ({args.split} split):\n")
+    print(format_results_table(report))
+    out = args.out or (args.data / "metrics.json")
+    write_json_atomic(report, out)
+    print(f"\nwrote {out}")
+
+
+def _demo(args) -> None:
+    from .demo import run_demo
+
+    report = run_demo(args.out, seed=args.seed, num_users=args.users)
+    print(report.read_text(encoding="utf-8"))
+    print(f"\nreport: {report}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    from dataset_builders.schema import DataValidationError
+
+    handlers = {"synth": _synth, "prepare": _prepare}
+    try:
+        if args.command == "data":
+            handlers[args.data_command](args)
+        elif args.command == "evaluate":
+            _evaluate(args)
+        elif args.command == "demo":
+            _demo(args)
+    except (DataValidationError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+        print(f"mobility: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("mobility: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
