@@ -1,0 +1,95 @@
+"""Speed and memory of ``mobility data prepare`` on a 1,000,000-check-in TSMC2014-format file.
+
+Target (issue #2): at most 60 s on 2 cores and a peak RSS of at most 2 GB.
+
+    python benchmarks/bench_prepare.py [--checkins 1000000] [--users 5000] [--locations 20000] [--keep]
+
+The file is written once (not timed), then ``mobility data prepare --format foursquare`` runs in a child process whose
+wall time and peak resident memory (``ru_maxrss`` of the child) are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DAYS = np.array(["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"])
+MONTHS = np.array(["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"])
+
+
+def write_tsmc(path: Path, n: int, users: int, locations: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    user = rng.integers(0, users, n)
+    # each user mostly revisits a personal set of places: realistic filter survival and history lengths
+    personal = rng.integers(0, locations, (users, 30))
+    pick = rng.random(n) < 0.8
+    loc = np.where(pick, personal[user, rng.integers(0, 30, n)], rng.zipf(1.3, n) % locations)
+    ts = 1333238400 + rng.integers(0, 320 * 86400, n)  # 2012-04-01 + up to 320 days
+    dt = pd.to_datetime(ts, unit="s", utc=True)
+    stamp = (
+        pd.Series(DAYS[dt.day_of_week]) + " " + pd.Series(MONTHS[dt.month - 1]) + " "
+        + pd.Series(dt.strftime("%d %H:%M:%S +0000 %Y"))
+    )
+    venue = pd.Series(loc).map(lambda i: f"{i:024x}")
+    cat = loc % 250
+    frame = pd.DataFrame({
+        "userId": user,
+        "venueId": venue,
+        "venueCategoryId": pd.Series(cat).map(lambda i: f"{i + 7:024x}"),
+        "venueCategory": pd.Series(cat).map(lambda i: f"Category {i}"),
+        "latitude": 40.5 + (loc % 997) / 997 * 0.4,
+        "longitude": -74.2 + (loc // 997) / (locations / 997 + 1) * 0.5,
+        "timezoneOffset": -240,
+        "utcTimestamp": stamp,
+    })
+    frame.to_csv(path, sep="\t", header=False, index=False, encoding="latin-1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkins", type=int, default=1_000_000)
+    parser.add_argument("--users", type=int, default=5_000)
+    parser.add_argument("--locations", type=int, default=20_000)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
+    raw = tmp / "checkins.txt"
+    t = time.perf_counter()
+    write_tsmc(raw, args.checkins, args.users, args.locations)
+    print(f"wrote {args.checkins:,} check-ins ({raw.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f}s")
+
+    cmd = [sys.executable, "-m", "train.cli", "-q", "data", "prepare", "--format", "foursquare", "--input", str(raw),
+           "--out", str(tmp / "data")]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        print(proc.stdout, proc.stderr)
+        raise SystemExit(f"prepare failed with exit code {proc.returncode}")
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(proc.stdout.strip().splitlines()[-2])
+    print()
+    print("| check-ins | wall (s) | check-ins/s | peak RSS (MiB) | target |")
+    print("|---:|---:|---:|---:|---|")
+    ok = wall <= 60 and peak_mib <= 2048
+    print(f"| {args.checkins:,} | {wall:.1f} | {args.checkins / wall:,.0f} | {peak_mib:,.0f} | "
+          f"<= 60 s and <= 2048 MiB: {'met' if ok else 'MISSED'} |")
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        print(f"kept {tmp}")
+
+
+if __name__ == "__main__":
+    main()
