@@ -152,6 +152,13 @@ def _list_array(values: pa.Array, lengths: np.ndarray) -> pa.Array:
     return pa.LargeListArray.from_arrays(pa.array(offsets), values).cast(pa.list_(values.type))
 
 
+def _arrow(df: pd.DataFrame) -> pa.Table:
+    """pandas -> Arrow with plain ``string`` columns (pandas' pyarrow strings arrive as ``large_string``)."""
+    table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
+    fields = [pa.field(f.name, pa.string()) if pa.types.is_large_string(f.type) else f for f in table.schema]
+    return table.cast(pa.schema(fields))
+
+
 def prepare_checkins(loaded: LoadedCheckins, config: CheckinPreprocessConfig | None = None) -> PreparedCheckins:
     """Filter, split and window canonical check-ins into next-location samples (see the module docstring).
 
@@ -281,7 +288,7 @@ def prepare_checkins(loaded: LoadedCheckins, config: CheckinPreprocessConfig | N
             removed += int((sel & held_row).sum())
             sel &= ~held_row
         sub = df.loc[sel, ["user_id", "location_id", "timestamp", "tz_offset_min", "latitude", "longitude"]]
-        checkin_tables[name] = pa.Table.from_pandas(sub.reset_index(drop=True), preserve_index=False)
+        checkin_tables[name] = _arrow(sub)
     if heldout.any():
         account.add("inductive: remove held-out check-ins from train/validation", n, n - removed,
                     {"inductive_heldout_checkin": removed})
@@ -298,7 +305,7 @@ def prepare_checkins(loaded: LoadedCheckins, config: CheckinPreprocessConfig | N
     return PreparedCheckins(
         samples=samples,
         checkins=checkin_tables,
-        locations=pa.Table.from_pandas(locations, preserve_index=False),
+        locations=_arrow(locations),
         account=account,
         metadata=metadata,
     )
@@ -411,7 +418,7 @@ def prepare_grid(loaded: LoadedGrid, config: GridPreprocessConfig | None = None)
     for s, name in enumerate((*SPLITS, "hidden")):
         members = np.flatnonzero(user_split == s)
         row_sel = np.isin(kcodes, members)
-        grids[name] = pa.Table.from_pandas(kept_grid.loc[row_sel].reset_index(drop=True), preserve_index=False)
+        grids[name] = _arrow(kept_grid.loc[row_sel])
         parts = {"uid": pa.array(users[members].astype(np.int64))}
         for prefix, mask in (("input", row_sel & ~ktarget), ("target", row_sel & ktarget)):
             lens = np.bincount(kcodes[mask], minlength=n_users)[members]

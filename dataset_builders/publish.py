@@ -58,9 +58,9 @@ def write_dataset(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        yaml_configs = []
+        yaml_configs, infos = [], []
         for config, splits in configs.items():
-            data_files = []
+            data_files, split_infos = [], []
             for split, table in splits.items():
                 n_shards = max(1, -(-table.num_rows // max_rows_per_shard))
                 (tmp / "data" / config).mkdir(parents=True, exist_ok=True)
@@ -68,8 +68,14 @@ def write_dataset(
                     shard = table.slice(i * max_rows_per_shard, max_rows_per_shard)
                     pq.write_table(shard, tmp / "data" / config / f"{split}-{i:05d}-of-{n_shards:05d}.parquet")
                 data_files.append({"split": split, "path": f"data/{config}/{split}-*.parquet"})
+                size = sum(p.stat().st_size for p in (tmp / "data" / config).glob(f"{split}-*.parquet"))
+                split_infos.append({"name": split, "num_bytes": size, "num_examples": table.num_rows})
             yaml_configs.append({"config_name": config, "data_files": data_files})
-        header = {"configs": yaml_configs, "tags": ["mobility", "hf-mobility"]}
+            # `datasets` keys its cache of a local folder on this info (not on the files), so it also keeps a folder
+            # re-written under the same name from loading stale cached rows
+            total = sum(s["num_bytes"] for s in split_infos)
+            infos.append({"config_name": config, "splits": split_infos, "download_size": total, "dataset_size": total})
+        header = {"configs": yaml_configs, "dataset_info": infos, "tags": ["mobility", "hf-mobility"]}
         if pretty_name:
             header["pretty_name"] = pretty_name
         readme = "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n\n" + card_body.strip() + "\n"
