@@ -1,0 +1,1 @@
+"""The data layer of hf-mobility: canonical tables, readers, synthetic cities, preprocessing and publishing."""

@@ -1,0 +1,1 @@
+"""Training, evaluation, metrics, baselines and the ``mobility`` command line."""
