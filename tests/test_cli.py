@@ -1,0 +1,105 @@
+"""The `mobility` command line: the contract of issue #2 (synth, prepare, evaluate), exit codes and help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from datasets import load_dataset
+
+from train.cli import build_parser, main
+
+
+def _write_tsmc(path, n_users=12, n_locs=15, days=40, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    start = pd.Timestamp("2012-04-02", tz="UTC")
+    for u in range(n_users):
+        for d in range(days):
+            for _ in range(rng.integers(1, 3)):
+                loc = int(rng.integers(0, n_locs))
+                ts = start + pd.Timedelta(days=d, seconds=int(rng.integers(0, 86400)))
+                stamp = ts.strftime("%a %b %d %H:%M:%S +0000 %Y")
+                rows.append(f"{u}\tv{loc:03d}\tc{loc % 3}\tCat {loc % 3}\t{40 + loc / 100}\t{-74 + loc / 100}\t-240\t{stamp}")
+    path.write_text("\n".join(rows) + "\n", encoding="latin-1")
+    return path
+
+
+def test_prepare_and_evaluate_checkins(tmp_path, capsys):
+    raw = _write_tsmc(tmp_path / "checkins.txt")
+    out = tmp_path / "data"
+    assert main(["-q", "data", "prepare", "--format", "foursquare", "--input", str(raw), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Row account" in printed and "filter users >= 10" in printed
+    ds = load_dataset(str(out), "samples")
+    assert set(ds) == {"train", "validation", "test"} and ds["test"].num_rows > 0
+    assert main(["-q", "evaluate", "--baseline", "all", "--data", str(out), "--out", str(tmp_path / "m.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "markov" in printed and "Acc@1" in printed
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert set(report["results"]) == {"popularity", "most-frequent", "history-frequency", "markov"}
+    for res in report["results"].values():
+        assert res["num_samples"] == ds["test"].num_rows
+        assert 0 <= res["acc@1"] <= res["acc@5"] <= res["acc@10"] <= res["acc@20"] <= 1
+        assert 0 < res["mrr"] <= 1
+
+
+def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code = main(["-q", "data", "prepare", "--format", "foursquare", "--input", str(empty), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "empty" in capsys.readouterr().err
+    code = main(["-q", "data", "prepare", "--format", "csv", "--input", str(tmp_path / "missing.csv"),
+                 "--out", str(tmp_path / "o")])
+    assert code == 2 and "not found" in capsys.readouterr().err
+    raw = _write_tsmc(tmp_path / "c.txt")
+    code = main(["-q", "data", "prepare", "--format", "csv", "--input", str(raw), "--out", str(tmp_path / "o"),
+                 "--columns", "user_id"])
+    assert code == 2 and "canonical=source" in capsys.readouterr().err
+    code = main(["-q", "evaluate", "--baseline", "markov", "--data", str(tmp_path)])
+    assert code == 2 and "mobility data prepare" in capsys.readouterr().err
+
+
+def test_on_error_raise_names_the_line(tmp_path, capsys):
+    raw = _write_tsmc(tmp_path / "c.txt")
+    lines = raw.read_text(encoding="latin-1").splitlines()
+    fields = lines[4].split("\t")
+    fields[4] = "95.5"  # latitude out of range on line 5
+    lines[4] = "\t".join(fields)
+    raw.write_text("\n".join(lines) + "\n", encoding="latin-1")
+    code = main(["-q", "data", "prepare", "--format", "foursquare", "--input", str(raw), "--out", str(tmp_path / "o"),
+                 "--on-error", "raise"])
+    err = capsys.readouterr().err
+    assert code == 2 and "line 5" in err and "latitude" in err and "95.5" in err
+    assert main(["-q", "data", "prepare", "--format", "foursquare", "--input", str(raw), "--out",
+                 str(tmp_path / "o")]) == 0
+    assert "latitude_out_of_range: 1" in capsys.readouterr().out
+
+
+def test_wrong_format_name_is_rejected(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "prepare", "--format", "geolife", "--input", "x", "--out", "y"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'geolife'" in capsys.readouterr().err
+
+
+def test_every_command_has_help():
+    parser = build_parser()
+    commands = [["data", "synth"], ["data", "prepare"], ["evaluate"], ["demo"], ["data"], []]
+    for cmd in commands:
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([*cmd, "--help"])
+        assert exc.value.code == 0
+    # every option documents itself
+    for action in parser._subparsers._group_actions[0].choices["evaluate"]._actions:
+        assert action.help, action.dest
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "train.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "mobility" in out.stdout
