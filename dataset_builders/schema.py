@@ -216,13 +216,15 @@ def _apply_rules(
     ``source_columns`` (canonical -> file column) are given."""
     check_on_error(on_error)
     dropped: dict[str, int] = {}
-    bad_any = np.zeros(len(df), dtype=bool)
-    for reason, column, bad, expected in rules:
-        bad = np.asarray(bad, dtype=bool) & ~bad_any
-        n = int(bad.sum())
-        if n == 0:
-            continue
-        if on_error == "raise":
+    if on_error == "raise":
+        # report the first bad row of the file (not the first row of the first rule broken); ties go to rule order
+        first = None
+        for _reason, column, bad, expected in rules:
+            bad = np.asarray(bad, dtype=bool)
+            if bad.any() and (first is None or int(np.flatnonzero(bad)[0]) < first[0]):
+                first = (int(np.flatnonzero(bad)[0]), column, bad, expected)
+        if first is not None:
+            _, column, bad, expected = first
             pos, line = _first_bad(bad, lines)
             name = (source_columns or {}).get(column, column)
             if source is not None and name in source.columns:
@@ -230,6 +232,13 @@ def _apply_rules(
             else:
                 name, value = column, df[column].iloc[pos]
             raise DataValidationError(file=file, line=line, column=name, value=value, expected=expected)
+        return df, dropped
+    bad_any = np.zeros(len(df), dtype=bool)
+    for reason, _column, bad, _expected in rules:
+        bad = np.asarray(bad, dtype=bool) & ~bad_any
+        n = int(bad.sum())
+        if n == 0:
+            continue
         dropped[reason] = dropped.get(reason, 0) + n
         bad_any |= bad
     if bad_any.any():

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
+from tqdm.auto import tqdm
 
 from dataset_builders.schema import HIDDEN_CELL
 
@@ -84,7 +85,7 @@ class CheckinBaseline:
         flat = self._codes(pa.chunked_array([c.flatten() for c in hist.chunks]).to_numpy())
         n = samples.num_rows
         L = self.num_locations
-        for lo in range(0, n, _BATCH):
+        for lo in tqdm(range(0, n, _BATCH), desc=f"ranking ({self.name})", unit=" batch", disable=None, leave=False):
             hi = min(n, lo + _BATCH)
             b = hi - lo
             ucodes = np.array([self.user_index.get(u, -1) for u in users[lo:hi]], dtype=np.int64)

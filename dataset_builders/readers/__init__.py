@@ -44,7 +44,7 @@ def read_dataset(
     locations_path: str | os.PathLike | None = None,
     on_error: OnError = "drop",
     encoding: str | None = None,
-    chunksize: int = DEFAULT_CHUNKSIZE,
+    chunksize: int | None = None,
     grid_size: int = 200,
 ) -> LoadedCheckins | LoadedGrid:
     """Read ``path`` in ``format`` (one of :data:`FORMATS`) into canonical tables with a row account.
@@ -60,7 +60,8 @@ def read_dataset(
     if format == "yjmob":
         if locations_path is not None:
             raise ValueError("--locations does not apply to the yjmob grid format")
-        return read_yjmob(path, on_error=on_error, encoding=encoding, grid_size=grid_size, account=account)
+        sized = {} if chunksize is None else {"chunksize": chunksize}  # else the grid reader's larger default
+        return read_yjmob(path, on_error=on_error, encoding=encoding, grid_size=grid_size, account=account, **sized)
     if columns and format != "csv" and locations_path is None:
         raise ValueError(f"--columns applies to the csv format and to location tables, not to {format!r} alone")
     locations = None
@@ -68,7 +69,8 @@ def read_dataset(
         locations = read_location_table(
             locations_path, columns=mapping, encoding=None, on_error=on_error, account=account
         )
-    kwargs = dict(on_error=on_error, encoding=encoding, locations=locations, chunksize=chunksize, account=account)
+    kwargs = dict(on_error=on_error, encoding=encoding, locations=locations, account=account,
+                  chunksize=DEFAULT_CHUNKSIZE if chunksize is None else chunksize)
     if format == "foursquare":
         loaded = read_foursquare(path, **kwargs)
     elif format == "gowalla":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from ..schema import DataValidationError, OnError, RowAccount, check_on_error, validate_checkins, validate_locations
 
@@ -174,6 +176,21 @@ def iter_table_chunks(
         kwargs["header"] = None
         kwargs["names"] = names
     offset = 2 if header else 1
+    # pandas silently turns the extra leading fields of a too-long FIRST data line into an index (shifting every
+    # column of every row), so leading too-long lines are found here and reported, or skipped and counted
+    long_lines, n_fields = _leading_long_lines(path, enc, sep, names, header)
+    if long_lines:
+        if on_error == "raise":
+            line = long_lines[0] + 1
+            raise DataValidationError(
+                f"{path}, line {line}: too many fields (expected {n_fields} fields per line)",
+                file=str(path), line=line, expected=f"{n_fields} fields per line",
+            )
+        kwargs["skiprows"] = long_lines
+        offset += len(long_lines)
+        if account_dropped is not None:
+            account_dropped["wrong_field_count"] = account_dropped.get("wrong_field_count", 0) + len(long_lines)
+    start = offset
     try:
         reader = pd.read_csv(path, **kwargs)
         for chunk in reader:
@@ -186,13 +203,44 @@ def iter_table_chunks(
         raise DataValidationError(f"{path}: the file has no data rows", file=str(path), expected="data rows") from None
     except pd.errors.ParserError as err:
         if on_error == "raise":
+            found = re.search(r"in line (\d+)", str(err))
             raise DataValidationError(
-                f"{path}: {err}".strip(), file=str(path), expected=f"{len(names) if names else 'a fixed number of'} fields per line"
+                f"{path}: {err}".strip(), file=str(path), line=int(found.group(1)) if found else None,
+                expected=f"{len(names) if names else 'a fixed number of'} fields per line"
             ) from None
-        yield from _iter_tolerant(path, kwargs, offset, account_dropped)
+        yield from _iter_tolerant(path, kwargs, start, offset, account_dropped)
 
 
-def _iter_tolerant(path: Path, kwargs: dict, offset: int, account_dropped: dict[str, int] | None):
+def _leading_long_lines(
+    path: Path, encoding: str, sep: str | None, names: list[str] | None, header: bool
+) -> tuple[list[int], int]:
+    """0-based indices of the data lines at the start of the file that have more fields than the header (or
+    ``names``), up to the first line that does not, and the expected number of fields."""
+    import csv
+    import gzip
+
+    if sep is None or len(sep) != 1:
+        return [], 0
+    opener = gzip.open if _is_gzip(path) else open
+    out: list[int] = []
+    try:
+        with opener(path, "rt", encoding=encoding, newline="") as f:
+            rows = csv.reader(f, delimiter=sep)
+            if header:
+                first = next(rows, None)
+                expected = len(first) if first else 0
+            else:
+                expected = len(names or [])
+            for row in rows:
+                if len(row) <= expected:
+                    break
+                out.append(rows.line_num - 1)
+    except (UnicodeDecodeError, csv.Error):
+        return [], 0  # left to the main parser, which reports it
+    return out, expected
+
+
+def _iter_tolerant(path: Path, kwargs: dict, first: int, offset: int, account_dropped: dict[str, int] | None):
     """Re-read from the start with the Python engine, skipping (and counting) lines with too many fields.
 
     Used only in ``on_error="drop"`` mode after a malformed line; line numbers after a skipped line are shifted, which
@@ -207,7 +255,6 @@ def _iter_tolerant(path: Path, kwargs: dict, offset: int, account_dropped: dict[
 
     kwargs = dict(kwargs, engine="python", on_bad_lines=on_bad)
     kwargs.pop("low_memory", None)
-    first = 2 if kwargs.get("header") == 0 else 1
     # the chunks before the failure were already yielded: skip that many rows again
     already = offset - first
     seen = 0
@@ -286,6 +333,7 @@ def read_location_table(
         for k, v in d.items():
             dropped[k] = dropped.get(k, 0) + v
         frames.append(chunk)
+    rows_in += dropped.get("wrong_field_count", 0)  # lines the tolerant parser skipped were never yielded
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["location_id"])
     for col in ("latitude", "longitude"):
         if col in table.columns:
@@ -313,7 +361,7 @@ def read_location_table(
                         value=row["location_id"],
                         expected="one coordinate per location id",
                     )
-                notes["coordinate_conflicts_merged"] = int(d_rows.loc[diff, "location_id"].nunique())
+                notes["coordinate_conflict_locations_merged"] = int(d_rows.loc[diff, "location_id"].nunique())
         dropped["duplicate_location_id"] = int(dup.sum())
         table = table.loc[~dup].reset_index(drop=True)
     if account is not None:
@@ -348,8 +396,11 @@ def assemble_checkins(
     kept_frames: list[pd.DataFrame] = []
     rows_in = 0
     has_coords: bool | None = None
+    wrong_before = dropped.get("wrong_field_count", 0)
+    progress = tqdm(desc=f"reading {Path(file).name}", unit=" rows", unit_scale=True, disable=None, leave=False)
     for raw, lines in chunks:
         rows_in += len(raw)
+        progress.update(len(raw))
         blank = blank_rows(raw)
         if blank.any():
             dropped["blank_line"] = dropped.get("blank_line", 0) + int(blank.sum())
@@ -383,7 +434,7 @@ def assemble_checkins(
                 dropped["location_without_coordinates"] = dropped.get("location_without_coordinates", 0) + int(
                     missing.sum()
                 )
-                df, lines = df.loc[~missing], lines[~missing]
+                df, raw, lines = df.loc[~missing], raw.loc[~missing], lines[~missing]
         df, d = validate_checkins(
             df, on_error=on_error, file=file, lines=lines, source=raw, source_columns=source_columns
         )
@@ -408,6 +459,9 @@ def assemble_checkins(
                 out[extra] = df[extra].astype("string")
         out["_line"] = _lines_of(df, raw_index=raw.index, lines=lines)
         kept_frames.append(out.reset_index(drop=True))
+    progress.close()
+    # lines with too many fields, skipped by the tolerant parser (drop mode), were never yielded but are rows in
+    rows_in += dropped.get("wrong_field_count", 0) - wrong_before
     if rows_in == 0:
         raise DataValidationError(f"{file}: the file has no data rows", file=file, expected="data rows")
     checkins = pd.concat(kept_frames, ignore_index=True) if kept_frames else None

@@ -93,7 +93,7 @@ def read_csv_checkins(
     path = Path(path)
     mapping = parse_column_mapping(columns)
     account = account if account is not None else RowAccount()
-    state: dict = {"relative": None, "timestamp_unit": None, "weekday_offsets": []}
+    state: dict = {"relative": None, "timestamp_unit": None, "weekday_offsets": [], "has_tz": False}
     dropped: dict[str, int] = {}
 
     def parse(raw: pd.DataFrame) -> pd.DataFrame:
@@ -113,6 +113,7 @@ def read_csv_checkins(
                 column=src[missing[0]],
             )
         state["relative"] = relative
+        state["has_tz"] = "tz_offset_min" in present
         out = pd.DataFrame(index=raw.index)
         out["user_id"] = raw[present["user_id"]].astype("string").str.strip()
         out["location_id"] = raw[present["location_id"]].astype("string").str.strip()
@@ -157,7 +158,7 @@ def read_csv_checkins(
     else:
         meta.update(time_reference="utc_epoch", day0_weekday=EPOCH_DAY0_WEEKDAY, timestamp_unit=state["timestamp_unit"])
         meta["local_time"] = (
-            "timestamp + tz_offset_min" if "tz_offset_min" in mapping or "tz_offset_min" in checkins else
+            "timestamp + tz_offset_min" if state["has_tz"] else
             "timestamps as given (strings without a zone are local clock time)"
         )
     return LoadedCheckins(checkins, locs, account, meta)
@@ -166,14 +167,22 @@ def read_csv_checkins(
 def _parse_timestamps(values: pd.Series, fmt: str | None, state: dict) -> pd.Series:
     numeric = pd.to_numeric(values, errors="coerce")
     nonnull = values.notna()
-    if nonnull.any() and numeric[nonnull].notna().mean() > 0.9:
-        # numbers: epoch seconds, or milliseconds when the magnitudes say so (after 1973 in ms > 1e11)
-        unit = state["timestamp_unit"] or ("ms" if numeric.abs().max() > 1e11 else "s")
+    unit = "datetime" if fmt is not None else state["timestamp_unit"]
+    if unit is None and nonnull.any():
+        # decided once, on the first chunk with values, so that every chunk is read the same way and a few bad values
+        # do not turn a column of epoch numbers into (unparsable) date strings
+        if numeric[nonnull].notna().mean() > 0.5:
+            # numbers: epoch seconds, or milliseconds when the magnitudes say so (after 1973 in ms > 1e11)
+            unit = "ms" if numeric.abs().max() > 1e11 else "s"
+        else:
+            unit = "datetime"
         state["timestamp_unit"] = unit
+    if unit in ("s", "ms"):
         secs = numeric / 1000 if unit == "ms" else numeric
         return pd.Series(pd.array(np.floor(secs.to_numpy(dtype="float64", na_value=np.nan)), dtype="Int64"),
                          index=values.index)
-    state["timestamp_unit"] = "datetime"
+    if unit is not None:  # None: a chunk with no values at all, which decides nothing
+        state["timestamp_unit"] = unit
     strings = values.astype("string").str.strip()
     if fmt is not None:
         dt = pd.to_datetime(strings, format=fmt, errors="coerce", utc=True)

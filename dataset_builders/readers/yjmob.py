@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from ..schema import HIDDEN_CELL, DataValidationError, OnError, RowAccount, check_on_error, validate_grid
 from .base import DEFAULT_CHUNKSIZE, LoadedGrid, _is_gzip, blank_rows, iter_table_chunks, resolve_encoding
@@ -57,9 +58,11 @@ def read_yjmob(
     dropped: dict[str, int] = {}
     frames = []
     rows_in = 0
+    progress = tqdm(desc=f"reading {path.name}", unit=" rows", unit_scale=True, disable=None, leave=False)
     for raw, lines in iter_table_chunks(path, sep=sep, names=_NAMES, header=header, encoding=enc,
                                         chunksize=chunksize, on_error=on_error, account_dropped=dropped):
         rows_in += len(raw)
+        progress.update(len(raw))
         if header:
             cols = [c.strip().lower() for c in raw.columns]
             if cols != _NAMES:
@@ -84,9 +87,11 @@ def read_yjmob(
             "x": pd.to_numeric(good["x"]).astype("int16"),
             "y": pd.to_numeric(good["y"]).astype("int16"),
         }))
+    rows_in += dropped.get("wrong_field_count", 0)  # lines the tolerant parser skipped were never yielded
+    progress.close()
     if rows_in == 0:
         raise DataValidationError(f"{path}: the file has no data rows", file=str(path), expected="uid,d,t,x,y rows")
-    grid = pd.concat(frames, ignore_index=True)
+    grid = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=_NAMES)
     if len(grid) == 0:
         account.add(f"read yjmob {path.name}", rows_in, 0, dropped)
         raise DataValidationError(f"{path}: no valid rows (dropped: {dropped})", file=str(path))
