@@ -1,0 +1,1086 @@
+"""The embedded default data: synthetic cities that behave like real ones (DESIGN §3.3).
+
+Two generators, both deterministic (same arguments and seed give the same frames and the same bytes on disk):
+
+- :func:`synthesize_checkins` makes a Foursquare-like check-in city: neighbourhoods of distinct land use, POIs with
+  names and categories from a Foursquare-like hierarchy (``"Food > Coffee Shop"``), and users with a home, a work or
+  school anchor, favourite places and a weekly routine, who move by exploration and preferential return (EPR, Song et
+  al. 2010) with distance decay. :meth:`SyntheticCheckins.write_tsmc` writes it in the TSMC2014 format plus a POI
+  table.
+- :func:`synthesize_grid` makes a HuMob / YJMob100K-style grid city (``uid, d, t, x, y``; 48 half-hour slots, cells
+  1..``grid_size``) from the same ideas: homes, workplaces, commutes, lunch, evening and weekend outings with EPR, and
+  sparse observation. :func:`write_yjmob` writes it as CSV.
+
+The city layout is seeded by ``city_seed`` (defaults to ``seed``) and the people by ``seed``, so the same population
+process can be replayed in a different city (cross-city tests) and different people in the same city.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "CATEGORY_HIERARCHY",
+    "LAND_USES",
+    "SyntheticCheckins",
+    "synthesize_checkins",
+    "synthesize_grid",
+    "write_yjmob",
+]
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------------------------------
+# Vocabulary: categories, activity groups, land uses
+# --------------------------------------------------------------------------------------------------------------------
+
+# (top-level, category, activity group, weight of the category inside its group)
+_CATEGORY_TABLE: tuple[tuple[str, str, str, float], ...] = (
+    ("Food", "Coffee Shop", "coffee", 3.0),
+    ("Food", "Café", "coffee", 1.5),
+    ("Food", "Bakery", "coffee", 1.0),
+    ("Food", "Pizza Place", "quick", 2.0),
+    ("Food", "Deli / Bodega", "quick", 2.0),
+    ("Food", "Fast Food Restaurant", "quick", 1.5),
+    ("Food", "Burger Joint", "quick", 1.0),
+    ("Food", "American Restaurant", "restaurant", 2.0),
+    ("Food", "Chinese Restaurant", "restaurant", 1.5),
+    ("Food", "Italian Restaurant", "restaurant", 1.5),
+    ("Food", "Mexican Restaurant", "restaurant", 1.2),
+    ("Food", "Sushi Restaurant", "restaurant", 1.0),
+    ("Nightlife Spot", "Bar", "nightlife", 3.0),
+    ("Nightlife Spot", "Cocktail Bar", "nightlife", 1.5),
+    ("Nightlife Spot", "Nightclub", "nightlife", 1.0),
+    ("Nightlife Spot", "Pub", "nightlife", 1.5),
+    ("Professional & Other Places", "Office", "work", 4.0),
+    ("Professional & Other Places", "Coworking Space", "work", 1.0),
+    ("Professional & Other Places", "Medical Center", "medical", 1.0),
+    ("Residence", "Home (private)", "home", 3.0),
+    ("Residence", "Residential Building (Apartment / Condo)", "home", 1.5),
+    ("College & University", "University", "edu", 1.5),
+    ("College & University", "College Academic Building", "edu", 2.0),
+    ("College & University", "Library", "edu", 0.8),
+    ("Outdoors & Recreation", "Park", "outdoors", 3.0),
+    ("Outdoors & Recreation", "Playground", "outdoors", 1.0),
+    ("Outdoors & Recreation", "Plaza", "outdoors", 1.0),
+    ("Shops & Service", "Gym / Fitness Center", "gym", 1.0),
+    ("Shops & Service", "Grocery Store", "grocery", 2.0),
+    ("Shops & Service", "Drugstore / Pharmacy", "grocery", 1.0),
+    ("Shops & Service", "Clothing Store", "shopping", 2.0),
+    ("Shops & Service", "Mall", "shopping", 0.7),
+    ("Shops & Service", "Electronics Store", "shopping", 1.0),
+    ("Travel & Transport", "Subway", "transit", 4.0),
+    ("Travel & Transport", "Train Station", "transit", 1.0),
+    ("Travel & Transport", "Bus Station", "transit", 1.0),
+    ("Arts & Entertainment", "Movie Theater", "entertainment", 1.5),
+    ("Arts & Entertainment", "Museum", "entertainment", 1.0),
+    ("Arts & Entertainment", "Concert Hall", "entertainment", 0.8),
+)
+
+_CATEGORIES: tuple[str, ...] = tuple(f"{top} > {leaf}" for top, leaf, _, _ in _CATEGORY_TABLE)
+#: Every category of the synthetic check-in city (``"Top-level > Category"``) mapped to its top-level name.
+CATEGORY_HIERARCHY: dict[str, str] = {f"{top} > {leaf}": top for top, leaf, _, _ in _CATEGORY_TABLE}
+
+
+def _category_id(category: str) -> str:
+    # Stable 24-hex id per category, shaped like Foursquare's ("4bf58dd8d48988d1" + 8 hex digits).
+    return "4bf58dd8d48988d1" + hashlib.md5(category.encode("utf-8")).hexdigest()[:8]
+
+
+_CATEGORY_IDS: tuple[str, ...] = tuple(_category_id(c) for c in _CATEGORIES)
+if len(set(_CATEGORY_IDS)) != len(_CATEGORY_IDS):  # pragma: no cover - guards edits of the table
+    raise RuntimeError("synthetic category ids collide; rename a category")
+
+_GROUPS: tuple[str, ...] = (
+    "home", "work", "edu", "coffee", "quick", "restaurant", "nightlife", "outdoors", "gym", "grocery", "shopping",
+    "transit", "entertainment", "medical",
+)
+_G = {name: i for i, name in enumerate(_GROUPS)}
+_CAT_GROUP = np.array([_G[g] for _, _, g, _ in _CATEGORY_TABLE], dtype=np.int64)
+_CAT_WEIGHT = np.array([w for _, _, _, w in _CATEGORY_TABLE], dtype=np.float64)
+_CAT_INDEX = {leaf: i for i, (_, leaf, _, _) in enumerate(_CATEGORY_TABLE)}
+_WORK_ANCHOR_CATS = np.array([_CAT_INDEX["Office"], _CAT_INDEX["Coworking Space"]])
+_EDU_ANCHOR_CATS = np.array([_CAT_INDEX["University"], _CAT_INDEX["College Academic Building"]])
+
+#: Land uses of the neighbourhoods of the check-in city.
+LAND_USES: tuple[str, ...] = ("residential", "office", "campus", "nightlife", "parks", "shopping", "transit_hub")
+
+# Category-group mix of the POIs of each land use (weights over _GROUPS, missing = 0).
+_LAND_USE_MIX: dict[str, dict[str, float]] = {
+    "residential": {"home": 8, "coffee": 1.5, "quick": 2, "restaurant": 1.5, "grocery": 2, "gym": 1, "outdoors": 0.7,
+                    "transit": 0.8, "nightlife": 0.5, "shopping": 0.5, "medical": 0.3, "entertainment": 0.2,
+                    "work": 0.3, "edu": 0.1},
+    "office": {"work": 8, "coffee": 2.5, "quick": 2.5, "restaurant": 1.5, "gym": 1, "transit": 1, "nightlife": 0.5,
+               "shopping": 0.5, "grocery": 0.3, "medical": 0.5, "home": 0.5, "outdoors": 0.3, "entertainment": 0.2,
+               "edu": 0.2},
+    "campus": {"edu": 7, "coffee": 2, "quick": 2, "restaurant": 0.5, "home": 2, "gym": 0.8, "outdoors": 0.8,
+               "nightlife": 0.5, "transit": 0.5, "shopping": 0.3, "grocery": 0.3, "entertainment": 0.5, "work": 0.5},
+    "nightlife": {"nightlife": 7, "restaurant": 3, "entertainment": 2, "quick": 1.5, "coffee": 0.8, "home": 1,
+                  "shopping": 0.5, "transit": 0.5, "gym": 0.3, "grocery": 0.3},
+    "parks": {"outdoors": 6, "coffee": 1, "quick": 0.8, "restaurant": 0.5, "home": 1.5, "gym": 0.8,
+              "entertainment": 1, "transit": 0.3, "grocery": 0.2},
+    "shopping": {"shopping": 6, "restaurant": 2, "quick": 2, "coffee": 1.5, "grocery": 1.5, "entertainment": 1.5,
+                 "gym": 0.5, "home": 0.8, "transit": 0.8, "work": 0.5, "medical": 0.3},
+    "transit_hub": {"transit": 5, "quick": 2.5, "coffee": 2, "work": 2, "restaurant": 1, "shopping": 1,
+                    "nightlife": 0.8, "home": 0.5, "grocery": 0.5},
+}
+# Relative size (share of POIs) of a neighbourhood of each land use; weights of extra neighbourhoods' land uses.
+_LAND_USE_SIZE = {"residential": 1.5, "office": 1.2, "campus": 0.8, "nightlife": 0.9, "parks": 0.6, "shopping": 0.9,
+                  "transit_hub": 0.5}
+_LAND_USE_EXTRA = {"residential": 3, "office": 2, "campus": 0.5, "nightlife": 1, "parks": 0.5, "shopping": 1,
+                   "transit_hub": 0.5}
+
+# City box (NYC-like) in degrees; neighbourhood centres keep a margin from its edges.
+_LAT_RANGE = (40.68, 40.88)
+_LON_RANGE = (-74.06, -73.86)
+_CENTRE_MARGIN = 0.025
+_KM_PER_DEG_LAT = 110.574
+_KM_PER_DEG_LON = 111.320 * np.cos(np.deg2rad(40.78))
+
+# --------------------------------------------------------------------------------------------------------------------
+# Weekly routine of the check-in city
+# --------------------------------------------------------------------------------------------------------------------
+
+# Activity slots of a day, in local hours; the last one (00:00-03:00) belongs to the night after the day.
+_SLOT_HOURS: tuple[tuple[int, int], ...] = (
+    (6, 8), (8, 10), (10, 12), (12, 14), (14, 17), (17, 19), (19, 21), (21, 24), (24, 27),
+)
+_NUM_SLOTS = len(_SLOT_HOURS)
+_LATE_SLOT = _NUM_SLOTS - 1
+
+# Group preference per slot. "anchor" is the user's work or school group, "other" the other one of the two.
+_WEEKDAY_PREF: dict[str, tuple[float, ...]] = {
+    "home": (7.5, 1.25, 0.5, 0.25, 0.25, 2.5, 7.5, 12.5, 12.5),
+    "anchor": (1.25, 10.0, 15.0, 1.25, 15.0, 2.5, 0.5, 0.25, 0.0),
+    "other": (0.0, 0.1, 0.2, 0.1, 0.2, 0.1, 0.05, 0.0, 0.0),
+    "coffee": (5.0, 4.0, 1.0, 0.5, 1.5, 0.5, 0.2, 0.1, 0.0),
+    "quick": (0.5, 0.5, 0.5, 5.0, 1.0, 1.0, 1.5, 1.0, 1.5),
+    "restaurant": (0.0, 0.0, 0.2, 3.0, 0.3, 0.8, 5.0, 1.5, 0.2),
+    "nightlife": (0.0, 0.0, 0.0, 0.0, 0.1, 0.8, 1.5, 3.0, 2.0),
+    "outdoors": (0.5, 0.2, 0.2, 0.5, 0.5, 1.0, 0.3, 0.1, 0.0),
+    "gym": (3.0, 0.5, 0.2, 0.3, 0.3, 4.0, 2.0, 0.5, 0.0),
+    "grocery": (0.2, 0.2, 0.3, 0.5, 0.8, 3.0, 2.0, 1.0, 0.3),
+    "shopping": (0.0, 0.1, 0.3, 0.5, 1.0, 1.5, 0.8, 0.1, 0.0),
+    "transit": (4.0, 4.0, 0.5, 0.3, 0.8, 4.0, 1.0, 1.0, 0.5),
+    "entertainment": (0.0, 0.0, 0.1, 0.1, 0.3, 0.5, 2.0, 1.5, 0.2),
+    "medical": (0.0, 0.3, 0.5, 0.2, 0.5, 0.2, 0.0, 0.0, 0.0),
+}
+_WEEKEND_PREF: dict[str, tuple[float, ...]] = {
+    "home": (10.0, 7.5, 2.5, 1.25, 1.25, 2.5, 5.0, 7.5, 7.5),
+    "anchor": (0.0, 0.25, 0.75, 0.25, 0.75, 0.25, 0.0, 0.0, 0.0),
+    "other": (0.0, 0.0, 0.1, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0),
+    "coffee": (1.0, 4.0, 3.0, 1.0, 1.0, 0.5, 0.2, 0.0, 0.0),
+    "quick": (0.2, 0.5, 1.0, 3.0, 1.0, 1.0, 1.5, 1.0, 2.0),
+    "restaurant": (0.0, 0.5, 2.0, 4.0, 1.0, 1.0, 5.0, 2.0, 0.3),
+    "nightlife": (0.0, 0.0, 0.0, 0.2, 0.3, 1.0, 3.0, 6.0, 6.0),
+    "outdoors": (0.5, 2.0, 4.0, 2.0, 4.0, 2.0, 0.3, 0.0, 0.0),
+    "gym": (0.5, 2.0, 2.0, 0.5, 0.5, 1.0, 0.3, 0.0, 0.0),
+    "grocery": (0.2, 1.0, 2.0, 1.0, 2.0, 1.5, 0.5, 0.2, 0.0),
+    "shopping": (0.0, 0.2, 2.0, 2.0, 4.0, 2.0, 0.5, 0.0, 0.0),
+    "transit": (0.3, 0.5, 1.0, 0.5, 1.0, 1.0, 1.0, 1.5, 1.5),
+    "entertainment": (0.0, 0.0, 0.5, 0.5, 2.0, 1.5, 3.0, 2.0, 0.5),
+    "medical": (0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+}
+# Activity chaining: the weight of the next activity group is multiplied by _CHAIN[previous group][next group]
+# ("anchor" = the user's work or school group). Unlisted pairs are 1; repeats of errands are damped.
+_CHAIN: dict[str, dict[str, float]] = {
+    "home": {"coffee": 1.5, "transit": 1.5, "gym": 1.3},
+    "anchor": {"quick": 1.5, "restaurant": 1.3, "gym": 1.5, "transit": 1.5, "nightlife": 1.3},
+    "coffee": {"anchor": 2.0, "transit": 1.5, "coffee": 0.3},
+    "quick": {"anchor": 2.0, "quick": 0.3},
+    "restaurant": {"nightlife": 2.0, "entertainment": 2.0, "home": 1.3, "restaurant": 0.3},
+    "nightlife": {"nightlife": 2.5, "quick": 1.5, "home": 1.5},
+    "outdoors": {"coffee": 1.5, "restaurant": 1.3, "outdoors": 0.5},
+    "gym": {"home": 2.0, "grocery": 1.5, "gym": 0.2},
+    "grocery": {"home": 2.0, "grocery": 0.3},
+    "shopping": {"shopping": 1.5, "restaurant": 1.5, "coffee": 1.3},
+    "transit": {"anchor": 2.0, "home": 1.5, "transit": 0.5},
+    "entertainment": {"restaurant": 1.5, "nightlife": 2.0, "home": 1.3, "entertainment": 0.3},
+    "medical": {"grocery": 2.0, "home": 1.5, "medical": 0.2},
+}
+
+# Relative check-in rate per slot (normalised per weekday so a user's daily mean is its activity level).
+_RATE_WEEKDAY = (0.5, 1.0, 0.8, 1.0, 0.9, 1.0, 0.9, 0.7, 0.12)
+_RATE_FRIDAY = (0.5, 1.0, 0.8, 1.0, 0.9, 1.0, 0.9, 0.9, 0.5)
+_RATE_SATURDAY = (0.3, 0.6, 0.9, 1.0, 1.0, 0.9, 0.9, 0.9, 0.5)
+_RATE_SUNDAY = (0.3, 0.6, 0.9, 1.0, 1.0, 0.9, 0.9, 0.5, 0.1)
+
+# EPR (Song et al. 2010) and choice parameters.
+_RHO = 0.6
+_GAMMA = 0.21
+_DECAY_KM = 2.0  # exploration weight exp(-distance / _DECAY_KM) from the current place
+_RETURN_DECAY_KM = 4.0  # returns weigh visits by exp(-distance / _RETURN_DECAY_KM) from the current place
+_P_NEAREST_REGULAR = 0.85  # a regular activity goes to the nearer of the two regular places
+_P_HOME_ANCHOR = 0.92  # a "home" activity happens at the user's home (else another residence)
+_P_WORK_ANCHOR = 0.90  # a "work"/"school" activity happens at the user's anchor
+_TZ_OFFSET_MIN = -240  # New York in summer
+_USER_CHUNK = 256  # users simulated together (memory ~ chunk x num_locations)
+_ROUTINE_SHAPE = 0.35  # Gamma shape of the personal routine noise (smaller = more habitual users)
+_WEEKEND_OF_DAY = np.array([0, 0, 0, 0, 0, 1, 1])
+# Chance that an activity of each group happens at the user's regular place of that group (before EPR is consulted).
+_P_REGULAR = np.array([0.0, 0.0, 0.0, 0.75, 0.5, 0.4, 0.5, 0.65, 0.9, 0.85, 0.4, 0.85, 0.4, 0.9])
+
+
+def _pref_tensor() -> np.ndarray:
+    """Base preference [weekday 0..6, slot, row] with rows = _GROUPS but "work"/"edu" as "anchor"/"other"."""
+    rows = ["home", "anchor", "other"] + list(_GROUPS[3:])
+    wd = np.array([_WEEKDAY_PREF[r] for r in rows], dtype=np.float64).T  # slot x row
+    we = np.array([_WEEKEND_PREF[r] for r in rows], dtype=np.float64).T
+    out = np.empty((7, _NUM_SLOTS, len(rows)))
+    for w in range(7):
+        out[w] = we if w >= 5 else wd
+    out[4, 7:] = we[7:]  # Friday night is a weekend night
+    out[6, 7:] = wd[7:]  # Sunday night is a weekday night
+    return out
+
+
+def _chain_matrix(student: bool) -> np.ndarray:
+    """[previous group, next group] multipliers for a worker (``student=False``) or a student."""
+    anchor, other = ("edu", "work") if student else ("work", "edu")
+    out = np.ones((len(_GROUPS), len(_GROUPS)))
+    for prev, row in _CHAIN.items():
+        i = _G[anchor if prev == "anchor" else prev]
+        for nxt, factor in row.items():
+            out[i, _G[anchor if nxt == "anchor" else nxt]] = factor
+    out[_G[other]] = out[_G[anchor]]
+    return out
+
+
+def _rate_table() -> np.ndarray:
+    rates = np.array([_RATE_WEEKDAY] * 4 + [_RATE_FRIDAY, _RATE_SATURDAY, _RATE_SUNDAY], dtype=np.float64)
+    return rates / rates.sum(axis=1, keepdims=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------------------------------
+
+_ADJ = ("Blue", "Golden", "Little", "Red", "Green", "Silver", "Old", "Happy", "Lucky", "Urban", "Wild", "Corner",
+        "Bright", "Quiet", "Copper", "Royal", "Sunny", "Black", "White", "Hidden", "Brass", "Crooked", "Velvet")
+_NOUN = ("Fern", "Oak", "Sparrow", "Harbor", "Bridge", "Lantern", "Anchor", "Maple", "Fox", "Crow", "Pine", "Stone",
+         "River", "Garden", "Owl", "Rose", "Elm", "Willow", "Falcon", "Beacon", "Tide", "Meadow", "Ember", "Hive")
+_STREET = ("Hudson", "Bleecker", "Spring", "Mercer", "Grand", "Canal", "Orchard", "Houston", "Bowery", "Lexington",
+           "Madison", "Amsterdam", "Columbus", "Broadway", "Greenwich", "Delancey", "Prince", "Ludlow", "Chambers",
+           "Fulton", "Bedford", "Atlantic", "Franklin", "Christopher", "Lafayette", "Mott", "Essex", "Clinton")
+_PERSON = ("Tony", "Mario", "Lucy", "Sam", "Rosa", "Joe", "Nina", "Frank", "Maya", "Leo", "Ana", "Ray", "Kim",
+           "Vito", "Eddie", "Grace", "Omar", "Iris", "Hank", "Sofia")
+_SURNAME = ("Morgan", "Wallace", "Chen", "Rossi", "Garcia", "Kaplan", "Murphy", "Nguyen", "Park", "Levine", "Russo",
+            "Patel", "Kowalski", "Baker", "Fischer", "Ortiz", "Bennett", "Sato", "Hughes", "Romano")
+_FIELD = ("Natural History", "Modern Art", "the City", "Science", "Design", "the Moving Image", "Photography")
+_LINE = ("1", "2", "3", "4", "5", "6", "A", "C", "E", "F", "L", "N", "Q", "R")
+
+_NAME_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "Coffee Shop": ("{adj} {noun} Coffee", "{street} Coffee", "{noun} Coffee Roasters", "{person}'s Coffee",
+                    "{adj} Cup Espresso"),
+    "Café": ("Cafe {noun}", "{adj} {noun} Cafe", "{street} Cafe", "{person}'s Cafe"),
+    "Bakery": ("{noun} Bakery", "{person}'s Bakeshop", "{street} Bread Co.", "{adj} Crumb Bakery"),
+    "Pizza Place": ("{street} Street Pizza", "{person}'s Pizza", "{adj} Slice", "{noun} Pizzeria"),
+    "Deli / Bodega": ("{street} Deli", "{adj} {noun} Deli & Grocery", "{person}'s Bodega", "{num} {street} Market"),
+    "Fast Food Restaurant": ("{adj} Chicken", "{noun} Express", "{person}'s Grab & Go", "{street} Fried Chicken"),
+    "Burger Joint": ("{adj} {noun} Burgers", "{person}'s Burger Shack", "{street} Burger Bar"),
+    "American Restaurant": ("{adj} {noun} Kitchen", "{street} Diner", "{person}'s Grill", "The {adj} {noun}"),
+    "Chinese Restaurant": ("{adj} Dragon", "{noun} Garden", "{street} Dumpling House", "Golden {noun} Noodle Bar"),
+    "Italian Restaurant": ("Trattoria {surname}", "{person}'s Osteria", "Ristorante {surname}", "{street} Pasta Bar"),
+    "Mexican Restaurant": ("Taqueria {surname}", "{adj} Cactus Cantina", "{street} Tacos", "El {noun} Mexican Grill"),
+    "Sushi Restaurant": ("Sushi {surname}", "{noun} Sushi Bar", "{street} Izakaya", "{adj} Wave Sushi"),
+    "Bar": ("{adj} {noun} Bar", "The {noun} Tap Room", "{street} Saloon", "{person}'s Bar"),
+    "Cocktail Bar": ("The {adj} {noun}", "{noun} Lounge", "{street} Cocktail Club", "Bar {surname}"),
+    "Nightclub": ("Club {noun}", "{adj} Room", "{street} Ballroom", "{noun} Nightclub"),
+    "Pub": ("The {adj} {noun} Pub", "{surname}'s Ale House", "{street} Tavern", "The {noun} & {noun2}"),
+    "Office": ("{num} {street} Street", "{street} Plaza Offices", "{noun} Capital", "{surname} & {surname2} LLP",
+               "{adj} {noun} Media"),
+    "Coworking Space": ("{noun} Works", "{street} Coworking", "The {adj} Desk", "{noun} Labs"),
+    "Medical Center": ("{street} Medical Center", "{surname} Family Clinic", "{noun} Health", "{street} Urgent Care"),
+    "Home (private)": ("Home", "Home", "Home sweet home", "My Apartment", "{person}'s Place", "Home on {street}"),
+    "Residential Building (Apartment / Condo)": ("The {street}", "{num} {street} Street", "{noun} Towers",
+                                                 "{adj} {noun} Apartments"),
+    "University": ("{street} University", "{surname} University", "University of {street}"),
+    "College Academic Building": ("{surname} Hall", "{surname} Science Center", "{street} College {surname} Building"),
+    "Library": ("{street} Public Library", "{surname} Library", "{noun} Branch Library"),
+    "Park": ("{noun} Park", "{street} Square Park", "{surname} Park", "{adj} {noun} Park"),
+    "Playground": ("{noun} Playground", "{street} Playground", "{surname} Playground"),
+    "Plaza": ("{street} Plaza", "{surname} Square", "{noun} Plaza"),
+    "Gym / Fitness Center": ("{adj} Fitness", "{noun} Gym", "{street} CrossFit", "{person}'s Boxing Club",
+                             "{noun} Yoga"),
+    "Grocery Store": ("{adj} {noun} Market", "{street} Grocery", "{surname}'s Food Market", "{noun} Foods"),
+    "Drugstore / Pharmacy": ("{street} Pharmacy", "{adj} Cross Drugs", "{surname} Chemists"),
+    "Clothing Store": ("{adj} {noun} Boutique", "{surname} & Co.", "{street} Outfitters", "{noun} Apparel"),
+    "Mall": ("{street} Center", "{noun} Mall", "The Shops at {street}"),
+    "Electronics Store": ("{noun} Electronics", "{street} Tech", "{adj} Circuit"),
+    "Subway": ("{street} St Station", "{num} St - {street} Av", "{street} St ({line} train)"),
+    "Train Station": ("{street} Station", "{street} Terminal"),
+    "Bus Station": ("{street} Bus Terminal", "{street} St & {street2} Av Bus Stop"),
+    "Movie Theater": ("{street} Cinemas", "{adj} Screen", "{noun} Theater"),
+    "Museum": ("Museum of {field}", "{surname} Museum", "{street} Gallery"),
+    "Concert Hall": ("{surname} Hall", "{noun} Music Hall", "{street} Arena"),
+}
+_P_EMPTY_NAME = 0.05
+
+
+def _make_names(cat_index: np.ndarray, rng: np.random.Generator) -> list[str]:
+    leaves = [leaf for _, leaf, _, _ in _CATEGORY_TABLE]
+    n = len(cat_index)
+    picks = {
+        "adj": rng.integers(0, len(_ADJ), n), "noun": rng.integers(0, len(_NOUN), n),
+        "noun2": rng.integers(0, len(_NOUN), n), "street": rng.integers(0, len(_STREET), n),
+        "street2": rng.integers(0, len(_STREET), n), "person": rng.integers(0, len(_PERSON), n),
+        "surname": rng.integers(0, len(_SURNAME), n), "surname2": rng.integers(0, len(_SURNAME), n),
+        "field": rng.integers(0, len(_FIELD), n), "line": rng.integers(0, len(_LINE), n),
+        "num": rng.integers(1, 300, n),
+    }
+    template_pick = rng.random(n)
+    empty = rng.random(n) < _P_EMPTY_NAME
+    words = {"adj": _ADJ, "noun": _NOUN, "noun2": _NOUN, "street": _STREET, "street2": _STREET, "person": _PERSON,
+             "surname": _SURNAME, "surname2": _SURNAME, "field": _FIELD, "line": _LINE}
+    names = []
+    for i in range(n):
+        if empty[i]:
+            names.append("")
+            continue
+        templates = _NAME_TEMPLATES[leaves[cat_index[i]]]
+        template = templates[int(template_pick[i] * len(templates))]
+        fields = {k: words[k][picks[k][i]] for k in words}
+        fields["num"] = str(picks["num"][i])
+        names.append(template.format(**fields))
+    return names
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Argument checks and small helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
+    allowed = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer {allowed}, got {value!r} ({type(value).__name__})")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an integer {allowed}, got {value}")
+    return int(value)
+
+
+def _check_seeds(seed, city_seed) -> tuple[int, int]:
+    seed = _check_int("seed", seed, 0)
+    city_seed = seed if city_seed is None else _check_int("city_seed", city_seed, 0)
+    return seed, city_seed
+
+
+def _rng(seed: int, stream: int, *more: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, stream, *more]))
+
+
+def _sample_rows(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Inverse-CDF sample of one column per row of non-negative ``weights`` (positive row sums), ``u`` in [0, 1)."""
+    cum = np.cumsum(weights, axis=1)
+    target = u * cum[:, -1]
+    idx = (cum <= target[:, None]).sum(axis=1)
+    return np.minimum(idx, weights.shape[1] - 1)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Check-in city
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _PoiCity:
+    lat: np.ndarray
+    lon: np.ndarray
+    px: np.ndarray  # km east of the box's south-west corner
+    py: np.ndarray  # km north
+    cat: np.ndarray  # index into _CATEGORY_TABLE
+    land_use: np.ndarray  # str
+    names: list[str]
+    venue_ids: np.ndarray  # str
+
+    @property
+    def group(self) -> np.ndarray:
+        return _CAT_GROUP[self.cat]
+
+
+def _neighbourhood_centres(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    lat_lo, lat_hi = _LAT_RANGE[0] + _CENTRE_MARGIN, _LAT_RANGE[1] - _CENTRE_MARGIN
+    lon_lo, lon_hi = _LON_RANGE[0] + _CENTRE_MARGIN, _LON_RANGE[1] - _CENTRE_MARGIN
+    min_km = 3.0
+    lats: list[float] = []
+    lons: list[float] = []
+    for _ in range(n):
+        for attempt in range(200):
+            la, lo = rng.uniform(lat_lo, lat_hi), rng.uniform(lon_lo, lon_hi)
+            ok = all(
+                np.hypot((la - a) * _KM_PER_DEG_LAT, (lo - b) * _KM_PER_DEG_LON) >= min_km * (1 - attempt / 200)
+                for a, b in zip(lats, lons)
+            )
+            if ok:
+                break
+        lats.append(la)
+        lons.append(lo)
+    return np.array(lats), np.array(lons)
+
+
+def _build_poi_city(num_locations: int, rng: np.random.Generator) -> _PoiCity:
+    n_hoods = int(rng.integers(8, 13))
+    extra = list(_LAND_USE_EXTRA)
+    extra_w = np.array([_LAND_USE_EXTRA[k] for k in extra], dtype=np.float64)
+    uses = list(rng.permutation(len(LAND_USES)))
+    uses += list(rng.choice(len(extra), size=n_hoods - len(LAND_USES), p=extra_w / extra_w.sum()))
+    hood_use = np.array([LAND_USES[i] if k < len(LAND_USES) else extra[i] for k, i in enumerate(uses)])
+    c_lat, c_lon = _neighbourhood_centres(n_hoods, rng)
+    sd_km = rng.uniform(0.5, 1.2, n_hoods)
+    size = np.array([_LAND_USE_SIZE[u] for u in hood_use]) * rng.gamma(8.0, 1 / 8.0, n_hoods)
+    counts = rng.multinomial(num_locations, size / size.sum())
+    hood = np.repeat(np.arange(n_hoods), counts)
+
+    lat = c_lat[hood] + rng.normal(0.0, 1.0, num_locations) * sd_km[hood] / _KM_PER_DEG_LAT
+    lon = c_lon[hood] + rng.normal(0.0, 1.0, num_locations) * sd_km[hood] / _KM_PER_DEG_LON
+    lat = np.round(np.clip(lat, *_LAT_RANGE), 6)
+    lon = np.round(np.clip(lon, *_LON_RANGE), 6)
+
+    mix = np.array([[_LAND_USE_MIX[u].get(g, 0.0) for g in _GROUPS] for u in hood_use])  # hood x group
+    group = _sample_rows(mix[hood], rng.random(num_locations))
+    within = np.where(_CAT_GROUP[None, :] == np.arange(len(_GROUPS))[:, None], _CAT_WEIGHT[None, :], 0.0)
+    cat = _sample_rows(within[group], rng.random(num_locations))
+
+    # Every city needs homes and workplaces for its people.
+    home_cats = np.flatnonzero(_CAT_GROUP == _G["home"])
+    order = rng.permutation(num_locations)
+    if not np.isin(cat, home_cats).any():
+        cat[order[0]] = _CAT_INDEX["Residential Building (Apartment / Condo)"]
+    if not np.isin(cat, _WORK_ANCHOR_CATS).any():
+        cat[order[1]] = _CAT_INDEX["Office"]
+
+    names = _make_names(cat, rng)
+    first = rng.integers(0x49000000, 0x50000000, num_locations, dtype=np.int64)
+    rest = rng.integers(0, 2**32, (num_locations, 2), dtype=np.int64)
+    venue_ids = np.array([f"{a:08x}{b:08x}{c:08x}" for a, (b, c) in zip(first, rest)], dtype=object)
+    while len(set(venue_ids)) < num_locations:  # pragma: no cover - 2^-80 chance
+        dup = pd.Series(venue_ids).duplicated().to_numpy()
+        venue_ids[dup] = [f"{v:024x}" for v in rng.integers(0, 2**62, int(dup.sum()))]
+    px = (lon - _LON_RANGE[0]) * _KM_PER_DEG_LON
+    py = (lat - _LAT_RANGE[0]) * _KM_PER_DEG_LAT
+    return _PoiCity(lat, lon, px, py, cat, hood_use[hood], names, venue_ids)
+
+
+def _simulate_checkin_chunk(
+    city: _PoiCity, n: int, num_days: int, start_weekday: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Simulate ``n`` users; return (user, day, slot, location) of every check-in, in (day, slot) order."""
+    num_l = len(city.cat)
+    poi_group = city.group
+    num_g = len(_GROUPS)
+    available = np.bincount(poi_group, minlength=num_g) > 0
+
+    # Anchors.
+    homes_pool = np.flatnonzero(poi_group == _G["home"])
+    home = homes_pool[rng.integers(0, len(homes_pool), n)]
+    work_pool = np.flatnonzero(np.isin(city.cat, _WORK_ANCHOR_CATS))
+    edu_pool = np.flatnonzero(np.isin(city.cat, _EDU_ANCHOR_CATS))
+    student = (rng.random(n) < 0.25) & (len(edu_pool) > 0)
+    anchor = np.empty(n, dtype=np.int64)
+    for mask, pool in ((~student, work_pool), (student, edu_pool)):
+        if not mask.any():
+            continue
+        d = np.hypot(city.px[pool][None, :] - city.px[home[mask]][:, None],
+                     city.py[pool][None, :] - city.py[home[mask]][:, None])
+        anchor[mask] = pool[_sample_rows(np.exp(-d / 5.0) + 0.05, rng.random(int(mask.sum())))]
+    anchor_group = np.where(student, _G["edu"], _G["work"])
+
+    # Tastes, activity, skipped days.
+    group_taste = np.exp(rng.normal(0.0, 0.6, (n, num_g)))
+    group_taste[:, [_G["home"], _G["work"], _G["edu"]]] = 1.0
+    leaf_taste = np.exp(rng.normal(0.0, 0.5, (n, len(_CATEGORIES))))
+    poi_taste = leaf_taste[:, city.cat]  # n x L
+    activity = np.exp(rng.uniform(np.log(1.0), np.log(6.0), n))
+    p_skip = rng.uniform(0.05, 0.45, n)
+    day_active = rng.random((n, num_days)) >= p_skip[:, None]
+
+    # Preferences per user [user, weekday, slot, group] and check-in probabilities [user, weekday, slot].
+    base = _pref_tensor()  # 7 x S x rows(home, anchor, other, groups[3:])
+    pref = np.empty((n, 7, _NUM_SLOTS, num_g))
+    pref[..., _G["home"]] = base[None, ..., 0]
+    pref[..., 3:] = base[None, ..., 3:]
+    pref[..., _G["work"]] = np.where(student[:, None, None], base[None, ..., 2], base[None, ..., 1])
+    pref[..., _G["edu"]] = np.where(student[:, None, None], base[None, ..., 1], base[None, ..., 2])
+    # Personal routine: each user's own sharper version of the population's, the same every week.
+    routine = rng.gamma(_ROUTINE_SHAPE, 1.0 / _ROUTINE_SHAPE, (n, 2, _NUM_SLOTS, num_g))[:, _WEEKEND_OF_DAY]
+    routine[..., [_G["home"], _G["work"], _G["edu"]]] = 1.0
+    pref *= routine * group_taste[:, None, None, :] * available[None, None, None, :]
+    p_slot = np.minimum(0.95, activity[:, None, None] * _rate_table()[None])
+
+    # Memory: favourites count as visited before the observation window starts.
+    counts = np.zeros((n, num_l), dtype=np.float64)
+    rows = np.arange(n)
+    counts[rows, home] += 5
+    counts[rows, anchor] += 5
+    d_home = np.hypot(city.px[None, :] - city.px[home][:, None], city.py[None, :] - city.py[home][:, None])
+    d_anchor = np.hypot(city.px[None, :] - city.px[anchor][:, None], city.py[None, :] - city.py[anchor][:, None])
+    fav_ok = ~np.isin(poi_group, [_G["home"], _G["work"], _G["edu"]])
+    fav_w = fav_ok[None, :] * group_taste[:, poi_group] * poi_taste * np.exp(-np.minimum(d_home, d_anchor) / 1.0)
+    with np.errstate(divide="ignore"):
+        keys = np.log(fav_w) + rng.gumbel(size=fav_w.shape)
+    k_max = min(8, num_l)
+    top = np.argsort(-keys, axis=1, kind="stable")[:, :k_max]
+    k = rng.integers(3, 9, n)
+    take = (np.arange(k_max)[None, :] < k[:, None]) & np.isfinite(np.take_along_axis(keys, top, axis=1))
+    counts[np.repeat(rows, k_max)[take.ravel()], top.ravel()[take.ravel()]] += 2
+    # Regular places: the user's own gym, coffee shop, subway station... per activity group, one near home and one
+    # near the work or school anchor (the same place when the two are close).
+    regular = np.zeros((n, 2, num_g), dtype=np.int64)
+    for side, dist in enumerate((d_home, d_anchor)):
+        near = np.exp(-dist / 0.7) * poi_taste
+        for gi in range(3, num_g):
+            if available[gi]:
+                in_g = (poi_group == gi)[None, :]
+                regular[:, side, gi] = _sample_rows(near * in_g + 1e-300 * in_g, rng.random(n))
+                counts[rows, regular[:, side, gi]] += 2
+    p_regular = np.clip(_P_REGULAR[None, :] * rng.uniform(0.7, 1.2, (n, 1)), 0.0, 0.95)
+    visited = (counts > 0).sum(axis=1).astype(np.float64)
+    del d_home, d_anchor, fav_w, keys, near
+
+    chain_worker, chain_student = _chain_matrix(False), _chain_matrix(True)
+    out_u, out_d, out_s, out_l = [], [], [], []
+    for day in range(num_days):
+        w = (start_weekday + day) % 7
+        cur = home.copy()
+        prev_g = np.full(n, _G["home"], dtype=np.int64)
+        for s in range(_NUM_SLOTS):
+            u_draw = rng.random(n)
+            if s == _LATE_SLOT and day == num_days - 1:
+                continue  # the last night would spill over the window
+            act = np.flatnonzero(day_active[:, day] & (u_draw < p_slot[:, w, s]))
+            if len(act) == 0:
+                continue
+            na = len(act)
+            chain = np.where(student[act, None], chain_student[prev_g[act]], chain_worker[prev_g[act]])
+            g = _sample_rows(pref[act, w, s, :] * chain, rng.random(na))
+            prev_g[act] = g
+            r_anchor = rng.random(na)
+            loc = np.full(na, -1, dtype=np.int64)
+            at_home = (g == _G["home"]) & (r_anchor < _P_HOME_ANCHOR)
+            loc[at_home] = home[act[at_home]]
+            at_anchor = (g == anchor_group[act]) & (r_anchor < _P_WORK_ANCHOR)
+            loc[at_anchor] = anchor[act[at_anchor]]
+            at_regular = (loc < 0) & (rng.random(na) < p_regular[act, g])
+            if at_regular.any():
+                ua, ga = act[at_regular], g[at_regular]
+                cands = regular[ua, :, ga]  # (k, 2): the home-side and the work-side place
+                dc = np.hypot(city.px[cands] - city.px[cur[ua]][:, None], city.py[cands] - city.py[cur[ua]][:, None])
+                side = (dc[:, 1] < dc[:, 0]).astype(np.int64)
+                side = np.where(rng.random(len(ua)) < _P_NEAREST_REGULAR, side, 1 - side)
+                loc[at_regular] = cands[np.arange(len(ua)), side]
+            r_explore = rng.random(na)
+            r_pick = rng.random(na)
+            epr = np.flatnonzero(loc < 0)
+            if len(epr):
+                u = act[epr]
+                in_group = poi_group[None, :] == g[epr][:, None]
+                cnt = counts[u]
+                taste = poi_taste[u] * in_group
+                dist = np.hypot(city.px[None, :] - city.px[cur[u]][:, None],
+                                city.py[None, :] - city.py[cur[u]][:, None])
+                w_return = taste * cnt * np.exp(-dist / _RETURN_DECAY_KM)
+                w_explore = taste * (cnt == 0) * np.exp(-dist / _DECAY_KM)
+                p_new = _RHO * visited[u] ** -_GAMMA
+                has_new = w_explore.sum(axis=1) > 0
+                has_old = w_return.sum(axis=1) > 0
+                explore = has_new & ((r_explore[epr] < p_new) | ~has_old)
+                weights = np.where(explore[:, None], w_explore, w_return)
+                loc[epr] = _sample_rows(weights, r_pick[epr])
+            new = counts[act, loc] == 0
+            visited[act] += new
+            counts[act, loc] += 1
+            cur[act] = loc
+            out_u.append(act)
+            out_d.append(np.full(na, day, dtype=np.int64))
+            out_s.append(np.full(na, s, dtype=np.int64))
+            out_l.append(loc)
+    if not out_u:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty, empty
+    return np.concatenate(out_u), np.concatenate(out_d), np.concatenate(out_s), np.concatenate(out_l)
+
+
+@dataclass
+class SyntheticCheckins:
+    """A synthetic check-in city: the check-ins and the POI table.
+
+    Attributes:
+        checkins (`pd.DataFrame`): one row per check-in, sorted by user then time, with columns ``user_id``,
+            ``location_id`` (the venue id), ``category`` (``"Top-level > Category"``), ``category_id``, ``latitude``,
+            ``longitude`` (exactly the POI's), ``tz_offset_min`` (int16, ``-240``) and ``timestamp`` (int64 UTC epoch
+            seconds).
+        pois (`pd.DataFrame`): one row per POI with ``location_id``, ``name`` (empty for about 5%), ``category``,
+            ``category_id``, ``latitude``, ``longitude`` (rounded to 6 decimals) and ``land_use``.
+    """
+
+    checkins: pd.DataFrame
+    pois: pd.DataFrame
+
+    def write_tsmc(self, out_dir: str | os.PathLike) -> dict[str, Path]:
+        """Write the city as raw files, atomically: ``checkins.txt`` (TSMC2014 format) and ``pois.csv``.
+
+        ``checkins.txt`` is tab-separated without header, Latin-1, with the columns ``userId, venueId, venueCategoryId,
+        venueCategory, latitude, longitude, timezoneOffset, utcTimestamp`` and timestamps like
+        ``Tue Apr 03 18:00:09 +0000 2012`` (English names whatever the locale); like the real files, ``venueCategory`` is
+        the leaf name ("Coffee Shop"). ``pois.csv`` is UTF-8 with the header
+        ``location_id,name,category,category_id,latitude,longitude,land_use,category_group`` (``category`` the leaf
+        name, ``category_group`` the top level, e.g. "Food").
+
+        Args:
+            out_dir (`str` or `os.PathLike`): the folder (created when missing).
+
+        Returns:
+            `dict[str, Path]`: ``{"checkins": path of checkins.txt, "pois": path of pois.csv}``.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        c = self.checkins
+        fields = [
+            c["user_id"].astype(str).tolist(),
+            c["location_id"].astype(str).tolist(),
+            c["category_id"].astype(str).tolist(),
+            c["category"].astype(str).str.split(" > ").str[-1].tolist(),  # TSMC2014 has the leaf name only
+            [repr(float(v)) for v in c["latitude"].to_numpy()],
+            [repr(float(v)) for v in c["longitude"].to_numpy()],
+            [str(int(v)) for v in c["tz_offset_min"].to_numpy()],
+            _format_tsmc_timestamps(c["timestamp"].to_numpy(dtype=np.int64)),
+        ]
+        text = "".join("\t".join(row) + "\n" for row in zip(*fields))
+        paths = {"checkins": out / "checkins.txt", "pois": out / "pois.csv"}
+        _atomic_write_bytes(paths["checkins"], text.encode("latin-1"))
+        csv = self.pois[["location_id", "name", "category", "category_id", "latitude", "longitude", "land_use"]]
+        parts = csv["category"].astype(str).str.split(" > ")
+        csv = csv.assign(category=parts.str[-1], category_group=parts.str[0])
+        _atomic_write_bytes(paths["pois"], csv.to_csv(index=False, lineterminator="\n").encode("utf-8"))
+        logger.info("wrote %d check-ins and %d POIs to %s", len(c), len(self.pois), out)
+        return paths
+
+
+_DAY_NAMES = np.array(["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"])
+_MONTH_NAMES = np.array(["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"])
+
+
+def _format_tsmc_timestamps(ts: np.ndarray) -> list[str]:
+    """UTC epoch seconds to ``Tue Apr 03 18:00:09 +0000 2012`` (English names, no locale involved)."""
+    days = np.floor_divide(ts, 86400)
+    secs = ts - days * 86400
+    dates = days.astype("datetime64[D]")
+    months = dates.astype("datetime64[M]")
+    year = months.astype("datetime64[Y]").astype(np.int64) + 1970
+    month = months.astype(np.int64) % 12
+    mday = (dates - months.astype("datetime64[D]")).astype(np.int64) + 1
+    weekday = (days + 3) % 7  # 1970-01-01 was a Thursday
+    hh, mm, ss = secs // 3600, (secs // 60) % 60, secs % 60
+    return [
+        f"{_DAY_NAMES[a]} {_MONTH_NAMES[b]} {c:02d} {h:02d}:{m:02d}:{s:02d} +0000 {y}"
+        for a, b, c, h, m, s, y in zip(weekday, month, mday, hh, mm, ss, year)
+    ]
+
+
+def _parse_start_date(start_date) -> pd.Timestamp:
+    try:
+        start = pd.Timestamp(start_date)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"start_date must be a date like '2012-04-02', got {start_date!r}") from err
+    if start is pd.NaT or pd.isna(start):
+        raise ValueError(f"start_date must be a date like '2012-04-02', got {start_date!r}")
+    if start.tzinfo is not None or start != start.normalize():
+        raise ValueError(f"start_date must be a calendar date without time or time zone, got {start_date!r}")
+    if not pd.Timestamp("1971-01-01") <= start <= pd.Timestamp("2100-01-01"):
+        raise ValueError(f"start_date must be in [1971-01-01, 2100-01-01], got {start_date!r}")
+    return start
+
+
+def synthesize_checkins(
+    num_users: int = 150,
+    num_locations: int = 500,
+    num_days: int = 120,
+    seed: int = 0,
+    city_seed: int | None = None,
+    start_date: str = "2012-04-02",
+) -> SyntheticCheckins:
+    """Make a synthetic Foursquare-like check-in city.
+
+    The city (seeded by ``city_seed``) has 8-12 neighbourhoods of distinct land use (residential, office, campus,
+    nightlife, parks, shopping, transit hub), each a Gaussian cluster of POIs in a 0.2 x 0.2 degree box around New
+    York. Every user (seeded by ``seed``) has a home, a work or school anchor, favourite and regular places (one per
+    activity near home, one near the anchor), personal tastes and a weekly routine (slot x weekday x category
+    preferences, with activity chaining such as coffee -> work or restaurant -> bar). Each check-in picks an activity
+    from the routine, then a place: the home or anchor for those activities, often the nearer regular place, else EPR:
+    exploration of a new POI with probability ``0.6 * S ** -0.21`` (``S`` distinct places so far; chosen by taste and
+    ``exp(-distance / 2 km)`` from the current place) or a return to a visited one in proportion to its visits (and
+    ``exp(-distance / 4 km)``). Users differ in activity (about 1 to 6 check-ins per active day) and skip 5-45% of
+    days. Local time is ``timestamp + tz_offset_min * 60`` and lies in
+    ``[start_date, start_date + num_days)``.
+
+    Args:
+        num_users (`int`, *optional*, defaults to 150): number of users, at least 1.
+        num_locations (`int`, *optional*, defaults to 500): number of POIs, at least 20.
+        num_days (`int`, *optional*, defaults to 120): length of the observation window in days, 1 to 36500.
+        seed (`int`, *optional*, defaults to 0): seed of the users and their movements (>= 0).
+        city_seed (`int`, *optional*): seed of the city layout (>= 0); defaults to ``seed``.
+        start_date (`str`, *optional*, defaults to `"2012-04-02"`): local calendar date of day 0 (a Monday by
+            default).
+
+    Returns:
+        [`SyntheticCheckins`]: the check-ins and the POI table (defaults: about 35-40k check-ins, in well under a
+        second).
+    """
+    num_users = _check_int("num_users", num_users, 1)
+    num_locations = _check_int("num_locations", num_locations, 20)
+    num_days = _check_int("num_days", num_days, 1, 36500)
+    seed, city_seed = _check_seeds(seed, city_seed)
+    start = _parse_start_date(start_date)
+    t0 = time.perf_counter()
+
+    city = _build_poi_city(num_locations, _rng(city_seed, 1))
+    start_weekday = start.weekday()
+    base_epoch = int((start - pd.Timestamp("1970-01-01")) // pd.Timedelta(seconds=1))  # local midnight of day 0
+
+    users, days, slots, locs = [], [], [], []
+    chunks = np.random.SeedSequence([seed, 2]).spawn((num_users + _USER_CHUNK - 1) // _USER_CHUNK)
+    for i, chunk_seed in enumerate(chunks):
+        n = min(_USER_CHUNK, num_users - i * _USER_CHUNK)
+        u, d, s, loc = _simulate_checkin_chunk(city, n, num_days, start_weekday, np.random.default_rng(chunk_seed))
+        users.append(u + i * _USER_CHUNK)
+        days.append(d)
+        slots.append(s)
+        locs.append(loc)
+    user = np.concatenate(users)
+    day = np.concatenate(days)
+    slot = np.concatenate(slots)
+    loc = np.concatenate(locs)
+
+    time_rng = _rng(seed, 3)
+    hours = np.array(_SLOT_HOURS, dtype=np.int64)
+    span = (hours[slot, 1] - hours[slot, 0]) * 3600
+    local = day * 86400 + hours[slot, 0] * 3600 + np.floor(time_rng.random(len(slot)) * span).astype(np.int64)
+    timestamp = base_epoch + local - _TZ_OFFSET_MIN * 60
+    order = np.lexsort((timestamp, user))
+    user, loc, timestamp = user[order], loc[order], timestamp[order]
+
+    width = max(4, len(str(num_users)))
+    user_ids = np.array([f"u{i + 1:0{width}d}" for i in range(num_users)], dtype=object)
+    categories = np.array(_CATEGORIES, dtype=object)
+    category_ids = np.array(_CATEGORY_IDS, dtype=object)
+    checkins = pd.DataFrame(
+        {
+            "user_id": pd.array(user_ids[user], dtype="string"),
+            "location_id": pd.array(city.venue_ids[loc], dtype="string"),
+            "category": pd.array(categories[city.cat[loc]], dtype="string"),
+            "category_id": pd.array(category_ids[city.cat[loc]], dtype="string"),
+            "latitude": city.lat[loc].astype(np.float64),
+            "longitude": city.lon[loc].astype(np.float64),
+            "tz_offset_min": np.full(len(loc), _TZ_OFFSET_MIN, dtype=np.int16),
+            "timestamp": timestamp.astype(np.int64),
+        }
+    )
+    pois = pd.DataFrame(
+        {
+            "location_id": pd.array(city.venue_ids, dtype="string"),
+            "name": pd.array(np.array(city.names, dtype=object), dtype="string"),
+            "category": pd.array(categories[city.cat], dtype="string"),
+            "category_id": pd.array(category_ids[city.cat], dtype="string"),
+            "latitude": city.lat.astype(np.float64),
+            "longitude": city.lon.astype(np.float64),
+            "land_use": pd.array(city.land_use.astype(object), dtype="string"),
+        }
+    )
+    logger.info(
+        "synthesised %d check-ins of %d users at %d POIs over %d days in %.2fs",
+        len(checkins), num_users, num_locations, num_days, time.perf_counter() - t0,
+    )
+    return SyntheticCheckins(checkins=checkins, pois=pois)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Grid city
+# --------------------------------------------------------------------------------------------------------------------
+
+_SLOTS_PER_DAY = 48
+_GRID_USER_CHUNK = 2048
+_GRID_MEMORY = 48  # leisure places remembered per user (EPR)
+# Relative chance of a record in each half-hour slot (phones are used more by day).
+_OBS_PROFILE = np.concatenate([np.full(12, 0.25), np.full(6, 1.0), np.full(18, 1.2), np.full(8, 1.0), np.full(4, 0.5)])
+
+
+@dataclass
+class _GridCity:
+    res_c: np.ndarray  # (k, 2) centres
+    res_sd: np.ndarray
+    res_w: np.ndarray
+    biz_c: np.ndarray
+    biz_sd: np.ndarray
+    biz_w: np.ndarray
+    fun_c: np.ndarray  # leisure destinations (leisure hubs and business districts)
+    fun_sd: np.ndarray
+    fun_w: np.ndarray
+
+
+def _build_grid_city(grid_size: int, rng: np.random.Generator) -> _GridCity:
+    g = float(grid_size)
+    centre = g / 2 + rng.normal(0.0, 0.05 * g, 2)
+
+    def hubs(k: int, spread: float, sd_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        c = np.clip(centre[None, :] + rng.normal(0.0, spread * g, (k, 2)), 1, g)
+        return c, rng.uniform(*sd_range, k) * g, rng.gamma(4.0, 0.25, k)
+
+    n_biz = int(rng.integers(2, 5))
+    biz_c, biz_sd, biz_w = hubs(n_biz, 0.15, (0.01, 0.025))
+    biz_c[0] = np.clip(centre + rng.normal(0.0, 0.02 * g, 2), 1, g)  # the central business district
+    biz_w[0] = 3.0
+    res_c, res_sd, res_w = hubs(int(rng.integers(6, 11)), 0.2, (0.025, 0.05))
+    leis_c, leis_sd, leis_w = hubs(int(rng.integers(3, 7)), 0.18, (0.008, 0.02))
+    return _GridCity(
+        res_c, res_sd, res_w, biz_c, biz_sd, biz_w,
+        np.concatenate([leis_c, biz_c]), np.concatenate([leis_sd, biz_sd]), np.concatenate([leis_w * 1.5, biz_w]),
+    )
+
+
+def _around(centres: np.ndarray, sd: np.ndarray, grid_size: int, rng: np.random.Generator) -> np.ndarray:
+    cells = np.rint(centres + rng.normal(0.0, 1.0, centres.shape) * sd[:, None])
+    return np.clip(cells, 1, grid_size).astype(np.int64)
+
+
+def _pick_hub(w: np.ndarray, centres: np.ndarray, origin: np.ndarray, scale: float, rng) -> np.ndarray:
+    d = np.hypot(centres[None, :, 0] - origin[:, None, 0], centres[None, :, 1] - origin[:, None, 1])
+    return _sample_rows(w[None, :] * np.exp(-d / scale) + 1e-9, rng.random(len(origin)))
+
+
+def _simulate_grid_chunk(
+    city: _GridCity, n: int, num_days: int, grid_size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Simulate ``n`` users; return x, y (int16, n x days x 48) and the observed mask."""
+    g = float(grid_size)
+    # Anchors.
+    res = _sample_rows(np.broadcast_to(city.res_w, (n, len(city.res_w))), rng.random(n))
+    home = _around(city.res_c[res], city.res_sd[res], grid_size, rng)
+    worker = rng.random(n) < 0.85
+    biz = _pick_hub(city.biz_w, city.biz_c, home, 0.25 * g, rng)
+    work = _around(city.biz_c[biz], city.biz_sd[biz], grid_size, rng)
+    lunch = np.clip(work[:, None, :] + rng.integers(-2, 3, (n, 2, 2)), 1, grid_size)
+    commute = np.clip(np.ceil(np.hypot(*(work - home).T) / (0.08 * g)), 1, 3).astype(np.int64)
+    leave_mu = rng.integers(14, 19, n)
+    back_mu = rng.integers(34, 40, n)
+    p_lunch = rng.uniform(0.1, 0.5, n)
+    p_evening = rng.uniform(0.1, 0.4, n)
+    p_out = rng.uniform(0.5, 0.95, n)
+    p_jitter = rng.uniform(0.02, 0.1, n)
+    per_day = rng.uniform(8.0, 20.0, n)
+    p_skip = rng.uniform(0.03, 0.3, n)
+    p_obs = np.minimum(1.0, per_day[:, None] * _OBS_PROFILE[None, :] / _OBS_PROFILE.sum())
+
+    # Leisure memory (EPR): a few favourite places to start with.
+    mem = np.zeros((n, _GRID_MEMORY, 2), dtype=np.int64)
+    mem_c = np.zeros((n, _GRID_MEMORY))
+    mem_n = rng.integers(2, 5, n)
+    for j in range(4):
+        hub = _pick_hub(city.fun_w, city.fun_c, home, 0.15 * g, rng)
+        mem[:, j] = _around(city.fun_c[hub], city.fun_sd[hub], grid_size, rng)
+        mem_c[:, j] = np.where(j < mem_n, rng.integers(1, 4, n), 0)
+
+    def leisure(idx: np.ndarray) -> np.ndarray:
+        """EPR choice of a leisure place for users ``idx``; updates the memory."""
+        m = len(idx)
+        s = mem_n[idx]
+        full = s >= _GRID_MEMORY
+        explore = (rng.random(m) < _RHO * np.maximum(s, 1) ** -_GAMMA) & ~full
+        hub = _pick_hub(city.fun_w, city.fun_c, home[idx], 0.15 * g, rng)
+        near_hub = _around(city.fun_c[hub], city.fun_sd[hub] * 1.5, grid_size, rng)
+        angle = rng.uniform(0, 2 * np.pi, m)
+        r = np.minimum(2.0 * (1.0 - rng.random(m)) ** (-1 / 1.2), g / 3)
+        flight = np.clip(np.rint(home[idx] + r[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1)), 1, grid_size)
+        new_cell = np.where((rng.random(m) < 0.25)[:, None], flight.astype(np.int64), near_hub)
+        k = _sample_rows(mem_c[idx], rng.random(m))
+        cell = np.where(explore[:, None], new_cell, mem[idx, k])
+        slot = np.where(explore, np.minimum(s, _GRID_MEMORY - 1), k)
+        mem[idx, slot] = cell
+        mem_c[idx, slot] += 1
+        mem_n[idx] += explore
+        return cell
+
+    t = np.arange(_SLOTS_PER_DAY)[None, :]
+    xs = np.empty((n, num_days, _SLOTS_PER_DAY), dtype=np.int16)
+    ys = np.empty_like(xs)
+    observed = np.empty((n, num_days, _SLOTS_PER_DAY), dtype=bool)
+    for day in range(num_days):
+        weekday = day % 7 < 5
+        x = np.repeat(home[:, :1], _SLOTS_PER_DAY, axis=1)
+        y = np.repeat(home[:, 1:], _SLOTS_PER_DAY, axis=1)
+        anchored = np.ones((n, _SLOTS_PER_DAY), dtype=bool)  # at home or work: may report a neighbouring cell
+        works = worker & weekday & (rng.random(n) >= 0.05)
+        leave = np.clip(leave_mu + rng.integers(-1, 2, n), 10, 22)
+        arrive = leave + commute
+        back = np.clip(back_mu + rng.integers(-1, 3, n), arrive + 4, 43)
+        home_at = back + commute
+        r_lunch, r_lunch_spot, r_evening = rng.random(n), rng.random(n), rng.random(n)
+        ev_len = rng.integers(2, 5, n)
+        r_out, r_more = rng.random(n), rng.random((n, 2))
+        trip_start, trip_len = rng.integers(18, 27, n), rng.integers(3, 9, (n, 3))
+        trip_gap = rng.integers(1, 4, (n, 2))
+
+        # Workdays: commute, office hours, lunch nearby, sometimes an evening outing.
+        wk = works[:, None]
+        go = wk & (t >= leave[:, None]) & (t < arrive[:, None])
+        frac = (t - leave[:, None] + 1) / (commute[:, None] + 1)
+        ret = wk & (t >= back[:, None]) & (t < home_at[:, None])
+        frac = np.where(ret, 1 - (t - back[:, None] + 1) / (commute[:, None] + 1), frac)
+        moving = go | ret
+        x = np.where(moving, np.rint(home[:, :1] + frac * (work[:, :1] - home[:, :1])), x)
+        y = np.where(moving, np.rint(home[:, 1:] + frac * (work[:, 1:] - home[:, 1:])), y)
+        anchored &= ~moving
+        office = wk & (t >= arrive[:, None]) & (t < back[:, None])
+        x = np.where(office, work[:, :1], x)
+        y = np.where(office, work[:, 1:], y)
+        spot = lunch[np.arange(n), (r_lunch_spot >= 0.7).astype(np.int64)]
+        at_lunch = office & (works & (r_lunch < p_lunch))[:, None] & (t >= 24) & (t < 26)
+        x = np.where(at_lunch, spot[:, :1], x)
+        y = np.where(at_lunch, spot[:, 1:], y)
+        anchored &= ~at_lunch
+        ev = np.flatnonzero(works & (r_evening < p_evening))
+        if len(ev):
+            cell = leisure(ev)
+            m = (t >= home_at[ev, None]) & (t < home_at[ev, None] + ev_len[ev, None])
+            x[ev] = np.where(m, cell[:, :1], x[ev])
+            y[ev] = np.where(m, cell[:, 1:], y[ev])
+            anchored[ev] &= ~m
+
+        # Free days: home, then up to three outings chosen by EPR.
+        n_trips = np.where(~works & (r_out < p_out), 1 + (r_more < [0.35, 0.15]).sum(axis=1), 0)
+        start = trip_start.copy()
+        for j in range(3):
+            idx = np.flatnonzero(n_trips > j)
+            if len(idx) == 0:
+                break
+            end = np.minimum(start + trip_len[:, j], 46)
+            cell = leisure(idx)
+            m = (t >= start[idx, None]) & (t < end[idx, None])
+            x[idx] = np.where(m, cell[:, :1], x[idx])
+            y[idx] = np.where(m, cell[:, 1:], y[idx])
+            anchored[idx] &= ~m
+            if j < 2:
+                start = end + trip_gap[:, j]
+            n_trips = np.where(start >= 44, 0, n_trips)
+
+        # GPS-like jitter at home and work, then sparse observation.
+        jitter = anchored & (rng.random((n, _SLOTS_PER_DAY)) < p_jitter[:, None])
+        offset = rng.integers(-1, 2, (n, _SLOTS_PER_DAY, 2))
+        x = np.where(jitter, x + offset[..., 0], x)
+        y = np.where(jitter, y + offset[..., 1], y)
+        xs[:, day] = np.clip(x, 1, grid_size).astype(np.int16)
+        ys[:, day] = np.clip(y, 1, grid_size).astype(np.int16)
+        active = rng.random(n) >= p_skip
+        observed[:, day] = active[:, None] & (rng.random((n, _SLOTS_PER_DAY)) < p_obs)
+    return xs, ys, observed
+
+
+def synthesize_grid(
+    num_users: int = 200,
+    num_days: int = 75,
+    grid_size: int = 200,
+    seed: int = 0,
+    city_seed: int | None = None,
+) -> pd.DataFrame:
+    """Make a synthetic HuMob / YJMob100K-style grid city.
+
+    The city (seeded by ``city_seed``) has residential areas, business districts (one central) and leisure hubs. Each
+    user (seeded by ``seed``) has a home and, for 85%, a workplace; day 0 is a Monday. Workdays: home at night, a
+    commute of 1-3 slots, office hours, lunch nearby on some days, sometimes an evening outing. Free days: home, then
+    up to three outings chosen by exploration and preferential return with distance decay. Home and work cells are
+    occasionally reported as a neighbouring cell. Users are observed in 8-20 slots per active day on average (more by
+    day than at night) and skip 3-30% of days.
+
+    Args:
+        num_users (`int`, *optional*, defaults to 200): number of users, at least 1.
+        num_days (`int`, *optional*, defaults to 75): number of days, 1 to 32767.
+        grid_size (`int`, *optional*, defaults to 200): cells per side, 10 to 998 (cells are 1-based).
+        seed (`int`, *optional*, defaults to 0): seed of the users and their movements (>= 0).
+        city_seed (`int`, *optional*): seed of the city layout (>= 0); defaults to ``seed``.
+
+    Returns:
+        `pd.DataFrame`: columns ``uid`` (int64, 0..num_users-1), ``d`` (int16), ``t`` (int8, 0..47), ``x``, ``y``
+        (int16, 1..grid_size), sorted by ``uid, d, t`` with at most one row per ``(uid, d, t)``.
+    """
+    num_users = _check_int("num_users", num_users, 1)
+    num_days = _check_int("num_days", num_days, 1, 32767)
+    grid_size = _check_int("grid_size", grid_size, 10, 998)
+    seed, city_seed = _check_seeds(seed, city_seed)
+    t0 = time.perf_counter()
+
+    city = _build_grid_city(grid_size, _rng(city_seed, 11))
+    frames = []
+    chunks = np.random.SeedSequence([seed, 12]).spawn((num_users + _GRID_USER_CHUNK - 1) // _GRID_USER_CHUNK)
+    for i, chunk_seed in enumerate(chunks):
+        n = min(_GRID_USER_CHUNK, num_users - i * _GRID_USER_CHUNK)
+        xs, ys, observed = _simulate_grid_chunk(city, n, num_days, grid_size, np.random.default_rng(chunk_seed))
+        u, d, t = np.nonzero(observed)  # C order: sorted by user, day, slot
+        frames.append(
+            pd.DataFrame(
+                {
+                    "uid": (u + i * _GRID_USER_CHUNK).astype(np.int64),
+                    "d": d.astype(np.int16),
+                    "t": t.astype(np.int8),
+                    "x": xs[u, d, t].astype(np.int16),
+                    "y": ys[u, d, t].astype(np.int16),
+                }
+            )
+        )
+    grid = pd.concat(frames, ignore_index=True)
+    logger.info(
+        "synthesised %d grid records of %d users over %d days on a %dx%d grid in %.2fs",
+        len(grid), num_users, num_days, grid_size, grid_size, time.perf_counter() - t0,
+    )
+    return grid
+
+
+def write_yjmob(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a grid table as YJMob100K CSV (``uid,d,t,x,y`` with header), atomically; gzip when ``path`` ends in .gz.
+
+    Args:
+        df (`pd.DataFrame`): a table with integer columns ``uid, d, t, x, y`` (e.g. from :func:`synthesize_grid`).
+        path (`str` or `os.PathLike`): the output file; its folder is created when missing.
+
+    Returns:
+        `Path`: the written file.
+    """
+    cols = ["uid", "d", "t", "x", "y"]
+    if not isinstance(df, pd.DataFrame):
+        raise ValueError(f"df must be a pandas DataFrame with columns {cols}, got {type(df).__name__}")
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"df is missing column(s) {missing}; it has {list(df.columns)} and needs {cols}")
+    bad = [c for c in cols if not pd.api.types.is_integer_dtype(df[c])]
+    if bad:
+        raise ValueError(f"df columns {bad} must be integers, got dtypes {[str(df[c].dtype) for c in bad]}")
+    path = Path(path)
+    data = df[cols].to_csv(index=False, lineterminator="\n").encode("ascii")
+    if path.name.lower().endswith(".gz"):
+        data = gzip.compress(data, compresslevel=6, mtime=0)
+    _atomic_write_bytes(path, data)
+    logger.info("wrote %d grid rows to %s", len(df), path)
+    return path

@@ -1,0 +1,346 @@
+"""Tests of the synthetic cities (dataset_builders/synthetic.py): determinism, schema, file formats and structure."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dataset_builders.synthetic import (
+    CATEGORY_HIERARCHY,
+    LAND_USES,
+    SyntheticCheckins,
+    synthesize_checkins,
+    synthesize_grid,
+    write_yjmob,
+)
+
+SMALL = {"num_users": 20, "num_locations": 120, "num_days": 21}
+SMALL_GRID = {"num_users": 30, "num_days": 14}
+TSMC_FORMAT = "%a %b %d %H:%M:%S %z %Y"
+
+
+@pytest.fixture(scope="module")
+def city() -> SyntheticCheckins:
+    return synthesize_checkins()
+
+
+@pytest.fixture(scope="module")
+def grid() -> pd.DataFrame:
+    return synthesize_grid()
+
+
+def _local_hours(checkins: pd.DataFrame) -> np.ndarray:
+    local = checkins["timestamp"].to_numpy() + checkins["tz_offset_min"].to_numpy().astype(np.int64) * 60
+    return (local % 86400) // 3600
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Check-in city
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_checkin_columns_and_dtypes(city):
+    c, p = city.checkins, city.pois
+    assert list(c.columns) == [
+        "user_id", "location_id", "category", "category_id", "latitude", "longitude", "tz_offset_min", "timestamp",
+    ]
+    assert list(p.columns) == ["location_id", "name", "category", "category_id", "latitude", "longitude", "land_use"]
+    for col in ("user_id", "location_id", "category", "category_id"):
+        assert isinstance(c[col].dtype, pd.StringDtype), col
+    assert c["timestamp"].dtype == np.int64
+    assert c["tz_offset_min"].dtype == np.int16
+    assert c["latitude"].dtype == np.float64 and c["longitude"].dtype == np.float64
+    assert not c.isna().any().any()
+    assert not p.isna().any().any()
+
+
+def test_default_sizes_and_ranges(city):
+    c, p = city.checkins, city.pois
+    assert 25_000 <= len(c) <= 45_000
+    assert c["user_id"].nunique() == 150
+    assert len(p) == 500
+    assert c["latitude"].between(40.6, 40.95).all() and c["longitude"].between(-74.1, -73.8).all()
+    assert (c["tz_offset_min"] == -240).all()
+    start = pd.Timestamp("2012-04-02")
+    local = pd.to_datetime(c["timestamp"] + c["tz_offset_min"].astype(np.int64) * 60, unit="s")
+    assert local.min() >= start and local.max() < start + pd.Timedelta(days=120)
+    # Sorted by user then time, one check-in per user and second at most.
+    assert c["user_id"].is_monotonic_increasing
+    assert (c.groupby("user_id", sort=False)["timestamp"].diff().dropna() > 0).all()
+    # Users differ in activity.
+    per_day = c.groupby("user_id").size() / 120
+    assert per_day.min() < 1.0 and per_day.max() > 3.5
+
+
+def test_checkins_agree_with_pois(city):
+    c, p = city.checkins, city.pois.set_index("location_id")
+    assert p.index.is_unique
+    assert c["location_id"].isin(p.index).all()
+    joined = p.loc[c["location_id"]]
+    np.testing.assert_array_equal(c["latitude"].to_numpy(), joined["latitude"].to_numpy())
+    np.testing.assert_array_equal(c["longitude"].to_numpy(), joined["longitude"].to_numpy())
+    assert (c["category"].to_numpy() == joined["category"].to_numpy()).all()
+    assert (c["category_id"].to_numpy() == joined["category_id"].to_numpy()).all()
+    assert (np.round(p["latitude"], 6) == p["latitude"]).all()
+
+
+def test_poi_table(city):
+    p = city.pois
+    hex24 = r"^[0-9a-f]{24}$"
+    assert p["location_id"].str.match(hex24).all() and p["category_id"].str.match(hex24).all()
+    # One stable id per category.
+    assert (p.groupby("category")["category_id"].nunique() == 1).all()
+    assert (p.groupby("category_id")["category"].nunique() == 1).all()
+    assert p["category"].isin(list(CATEGORY_HIERARCHY)).all()
+    assert 25 <= p["category"].nunique() <= 40
+    assert p["category"].str.contains(" > ", regex=False).all()
+    assert set(p["land_use"]) == set(LAND_USES)
+    empty = (p["name"] == "").mean()
+    assert 0.01 <= empty <= 0.10
+    named = p.loc[p["name"] != "", "name"]
+    assert named.str.len().min() >= 3 and named.nunique() > 0.6 * len(named)
+    assert all(name.isascii() for name in named)
+    # Land use shapes the category mix.
+    top = p["category"].map(CATEGORY_HIERARCHY)
+    assert (top[p["land_use"] == "residential"] == "Residence").mean() > 0.3
+    assert (top[p["land_use"] == "nightlife"] == "Nightlife Spot").mean() > 0.3
+
+
+def test_checkins_deterministic(tmp_path):
+    a, b = synthesize_checkins(**SMALL, seed=3), synthesize_checkins(**SMALL, seed=3)
+    pd.testing.assert_frame_equal(a.checkins, b.checkins)
+    pd.testing.assert_frame_equal(a.pois, b.pois)
+    pa, pb = a.write_tsmc(tmp_path / "a"), b.write_tsmc(tmp_path / "b")
+    assert set(pa) == {"checkins", "pois"}
+    for key in pa:
+        assert pa[key].read_bytes() == pb[key].read_bytes()
+    assert not list(tmp_path.glob("*/*.tmp"))
+
+    other = synthesize_checkins(**SMALL, seed=4)
+    assert not a.checkins.equals(other.checkins)
+    pd.testing.assert_frame_equal(a.pois, synthesize_checkins(**SMALL, seed=4, city_seed=3).pois)
+
+
+def test_city_seed_changes_layout():
+    a = synthesize_checkins(**SMALL, seed=0)
+    b = synthesize_checkins(**SMALL, seed=0, city_seed=1)
+    assert not np.array_equal(a.pois["latitude"].to_numpy(), b.pois["latitude"].to_numpy())
+    assert set(a.pois["location_id"]).isdisjoint(set(b.pois["location_id"]))
+
+
+def test_tsmc_file_format(city, tmp_path):
+    paths = city.write_tsmc(tmp_path / "raw")
+    raw = paths["checkins"].read_bytes()
+    assert b"Caf\xe9" in raw  # "Food > Café" in Latin-1
+    with pytest.raises(UnicodeDecodeError):
+        raw.decode("utf-8")
+    lines = raw.decode("latin-1").split("\n")
+    assert lines[-1] == ""
+    rows = [line.split("\t") for line in lines[:-1]]
+    assert len(rows) == len(city.checkins)
+    assert {len(r) for r in rows} == {8}
+    table = pd.DataFrame(rows)
+    c = city.checkins
+    assert (table[0].to_numpy() == c["user_id"].to_numpy()).all()
+    assert (table[1].to_numpy() == c["location_id"].to_numpy()).all()
+    assert (table[2].to_numpy() == c["category_id"].to_numpy()).all()
+    # like the real files, venueCategory is the leaf name ("Coffee Shop", not "Food > Coffee Shop")
+    assert (table[3].to_numpy() == c["category"].str.split(" > ").str[-1].to_numpy()).all()
+    np.testing.assert_array_equal(table[4].astype(float).to_numpy(), c["latitude"].to_numpy())
+    np.testing.assert_array_equal(table[5].astype(float).to_numpy(), c["longitude"].to_numpy())
+    assert (table[6] == "-240").all()
+    assert table[7].str.match(r"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun) [A-Z][a-z]{2} \d{2} \d{2}:\d{2}:\d{2} \+0000 \d{4}$").all()
+    parsed = pd.to_datetime(table[7], format=TSMC_FORMAT)
+    epoch = (parsed - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(seconds=1)
+    np.testing.assert_array_equal(epoch.to_numpy(), c["timestamp"].to_numpy())
+    assert rows[0][7].startswith("Mon Apr 02 ")  # day 0 (2012-04-02) is a Monday
+
+    pois = pd.read_csv(paths["pois"], encoding="utf-8", keep_default_na=False, dtype={"name": str})
+    assert list(pois.columns) == [*city.pois.columns, "category_group"]
+    assert (pois["name"].to_numpy() == city.pois["name"].to_numpy()).all()
+    full = pois["category_group"] + " > " + pois["category"]
+    assert (full.to_numpy() == city.pois["category"].to_numpy()).all()
+    np.testing.assert_array_equal(pois["latitude"].to_numpy(), city.pois["latitude"].to_numpy())
+
+
+def _popularity_and_markov(checkins: pd.DataFrame) -> tuple[float, float]:
+    """Acc@1 of global popularity and of per-user Markov-1, first 70% of each user's check-ins for training."""
+    df = checkins[["user_id", "location_id"]].astype(str).copy()
+    by_user = df.groupby("user_id", sort=False)
+    df["prev"] = by_user["location_id"].shift(1)
+    train = by_user.cumcount().to_numpy() < 0.7 * by_user["user_id"].transform("size").to_numpy()
+    tr, te = df[train], df[~train & df["prev"].notna()]
+    popular = tr["location_id"].value_counts().index[0]
+    acc_pop = float((te["location_id"] == popular).mean())
+
+    def top(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+        n = frame.groupby([*keys, "location_id"]).size().rename("n").reset_index()
+        n = n.sort_values([*keys, "n", "location_id"], ascending=[True] * len(keys) + [False, True])
+        return n.drop_duplicates(keys).rename(columns={"location_id": "pred"})[[*keys, "pred"]]
+
+    successor = top(tr.dropna(subset=["prev"]), ["user_id", "prev"])
+    mode = top(tr, ["user_id"]).set_index("user_id")["pred"]
+    m = te.merge(successor, on=["user_id", "prev"], how="left")
+    m["pred"] = m["pred"].fillna(m["user_id"].map(mode))
+    return acc_pop, float((m["pred"] == m["location_id"]).mean())
+
+
+def test_markov_beats_popularity_but_is_beatable(city):
+    acc_pop, acc_markov = _popularity_and_markov(city.checkins)
+    assert acc_markov >= 2 * acc_pop + 0.1, (acc_pop, acc_markov)
+    assert acc_markov <= 0.85, acc_markov
+
+
+def test_categories_predict_time(city):
+    c = city.checkins
+    hours = _local_hours(c)
+    top = c["category"].map(CATEGORY_HIERARCHY).to_numpy()
+    nightlife = top == "Nightlife Spot"
+    assert nightlife[hours >= 20].mean() > 3 * nightlife[hours < 12].mean()
+    coffee = (c["category"] == "Food > Coffee Shop").to_numpy()
+    assert coffee[(hours >= 6) & (hours < 12)].mean() > 2 * coffee[hours >= 17].mean()
+    # Offices are a weekday thing (day 0 is a Monday).
+    local_day = (c["timestamp"].to_numpy() + c["tz_offset_min"].to_numpy().astype(np.int64) * 60) // 86400
+    weekend = (local_day + 3) % 7 >= 5
+    office = (c["category"] == "Professional & Other Places > Office").to_numpy()
+    assert office[weekend].mean() < 0.5 * office[~weekend].mean()
+
+
+def test_small_city_edge_cases():
+    tiny = synthesize_checkins(num_users=1, num_locations=20, num_days=1)
+    assert len(tiny.pois) == 20 and tiny.checkins["user_id"].nunique() <= 1
+    shifted = synthesize_checkins(num_users=5, num_locations=60, num_days=3, start_date="2013-01-05")
+    local = pd.to_datetime(shifted.checkins["timestamp"] - 240 * 60, unit="s")
+    assert local.min() >= pd.Timestamp("2013-01-05") and local.max() < pd.Timestamp("2013-01-08")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Grid city
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_grid_schema_and_ranges(grid):
+    assert list(grid.columns) == ["uid", "d", "t", "x", "y"]
+    assert [str(grid[c].dtype) for c in grid.columns] == ["int64", "int16", "int8", "int16", "int16"]
+    assert grid["uid"].min() == 0 and grid["uid"].max() == 199 and grid["uid"].nunique() == 200
+    assert grid["d"].between(0, 74).all() and grid["t"].between(0, 47).all()
+    assert grid["x"].between(1, 200).all() and grid["y"].between(1, 200).all()
+    assert not grid.duplicated(["uid", "d", "t"]).any()
+    key = grid["uid"].to_numpy() * 10_000 + grid["d"].to_numpy().astype(np.int64) * 100 + grid["t"].to_numpy()
+    assert (np.diff(key) > 0).all()
+    per_day = grid.groupby(["uid", "d"]).size()
+    assert 8 <= per_day.mean() <= 20
+    assert grid.groupby("uid")["d"].nunique().mean() < 75  # some days are missing
+
+
+def _grid_predictors(grid: pd.DataFrame) -> tuple[float, float, float]:
+    g = grid.assign(cell=grid["x"].astype(np.int64) * 1000 + grid["y"], weekend=(grid["d"] % 7 >= 5))
+    tr, te = g[g["d"] < 60], g[g["d"] >= 60]
+
+    def mode(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+        n = frame.groupby([*keys, "cell"]).size().rename("n").reset_index()
+        n = n.sort_values([*keys, "n", "cell"], ascending=[True] * len(keys) + [False, True])
+        return n.drop_duplicates(keys).rename(columns={"cell": "pred"})[[*keys, "pred"]]
+
+    user_mode = mode(tr, ["uid"]).set_index("uid")["pred"]
+    m = te.merge(mode(tr, ["uid", "weekend", "t"]), on=["uid", "weekend", "t"], how="left")
+    m["pred"] = m["pred"].fillna(m["uid"].map(user_mode))
+    acc_slot = float((m["pred"] == m["cell"]).mean())
+    acc_user = float((te["uid"].map(user_mode) == te["cell"]).mean())
+    acc_global = float((te["cell"] == tr["cell"].value_counts().index[0]).mean())
+    return acc_slot, acc_user, acc_global
+
+
+def test_grid_structure(grid):
+    acc_slot, acc_user, acc_global = _grid_predictors(grid)
+    assert acc_slot >= acc_user + 0.1, (acc_slot, acc_user)
+    assert acc_slot >= acc_global + 0.3, (acc_slot, acc_global)
+    assert acc_slot <= 0.9, acc_slot
+
+
+def test_grid_deterministic_and_written_bytes(tmp_path):
+    a, b = synthesize_grid(**SMALL_GRID, seed=7), synthesize_grid(**SMALL_GRID, seed=7)
+    pd.testing.assert_frame_equal(a, b)
+    assert not a.equals(synthesize_grid(**SMALL_GRID, seed=8))
+    for name in ("grid.csv", "grid.csv.gz"):
+        pa, pb = write_yjmob(a, tmp_path / "a" / name), write_yjmob(b, tmp_path / "b" / name)
+        assert pa.read_bytes() == pb.read_bytes()
+    plain = (tmp_path / "a" / "grid.csv").read_bytes()
+    assert gzip.decompress((tmp_path / "a" / "grid.csv.gz").read_bytes()) == plain
+    assert plain.startswith(b"uid,d,t,x,y\n")
+    back = pd.read_csv(tmp_path / "a" / "grid.csv.gz")
+    pd.testing.assert_frame_equal(back, a.astype(np.int64))
+    assert not list(tmp_path.glob("*/*.tmp"))
+
+
+def test_grid_city_seed_changes_layout():
+    def density(frame: pd.DataFrame) -> np.ndarray:
+        h = np.zeros((10, 10))
+        np.add.at(h, ((frame["x"].to_numpy() - 1) // 20, (frame["y"].to_numpy() - 1) // 20), 1)
+        return h.ravel() / h.sum()
+
+    kw = {"num_users": 100, "num_days": 14}
+    base = density(synthesize_grid(**kw, seed=0))
+    same_city = density(synthesize_grid(**kw, seed=1, city_seed=0))
+    other_city = density(synthesize_grid(**kw, seed=0, city_seed=1))
+    assert np.corrcoef(base, same_city)[0, 1] > 0.8
+    assert np.corrcoef(base, other_city)[0, 1] < 0.5
+
+
+def test_grid_small_sizes():
+    g = synthesize_grid(num_users=3, num_days=2, grid_size=10)
+    assert g["x"].between(1, 10).all() and g["y"].between(1, 10).all()
+    assert set(g["d"]) <= {0, 1}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad arguments
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_users": 0}, "num_users"),
+        ({"num_users": 2.5}, "num_users"),
+        ({"num_users": True}, "num_users"),
+        ({"num_locations": 5}, "num_locations"),
+        ({"num_days": 0}, "num_days"),
+        ({"seed": -1}, "seed"),
+        ({"seed": "0"}, "seed"),
+        ({"city_seed": -3}, "city_seed"),
+        ({"start_date": "not a date"}, "start_date"),
+        ({"start_date": "2012-04-02 10:30"}, "start_date"),
+    ],
+)
+def test_checkins_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        synthesize_checkins(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_users": 0}, "num_users"),
+        ({"num_days": 0}, "num_days"),
+        ({"num_days": 40_000}, "num_days"),
+        ({"grid_size": 1}, "grid_size"),
+        ({"grid_size": 999}, "grid_size"),
+        ({"seed": -1}, "seed"),
+        ({"city_seed": 1.5}, "city_seed"),
+    ],
+)
+def test_grid_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        synthesize_grid(**kwargs)
+
+
+def test_write_yjmob_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="missing column"):
+        write_yjmob(pd.DataFrame({"uid": [0], "d": [0]}), tmp_path / "g.csv")
+    with pytest.raises(ValueError, match="integers"):
+        write_yjmob(pd.DataFrame({"uid": [0], "d": [0], "t": [0], "x": [1.5], "y": [1]}), tmp_path / "g.csv")
+    assert not (tmp_path / "g.csv").exists()
