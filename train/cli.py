@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     from dataset_builders.schema import DataValidationError
 
     handlers = {"synth": _synth, "prepare": _prepare}

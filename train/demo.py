@@ -34,6 +34,7 @@ def _plot_city(pois: pd.DataFrame, checkins: pd.DataFrame, path: Path) -> None:
         ax.scatter(pois.loc[sel, "longitude"], pois.loc[sel, "latitude"], s=size[sel], alpha=0.7, label=name)
     ax.set_xlabel("longitude")
     ax.set_ylabel("latitude")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(5))
     ax.set_title("Synthetic city: POIs by top-level category (size = visits)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -61,6 +62,26 @@ def _plot_hours(checkins: pd.DataFrame, pois: pd.DataFrame, path: Path) -> None:
     ax.set_title("When categories are visited (synthetic city)")
     ax.set_xticks(range(0, 24, 3))
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_grid(grid: pd.DataFrame, path: Path, grid_size: int = 200) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    real = grid[grid["x"] != 999]
+    counts = np.zeros((grid_size, grid_size))
+    np.add.at(counts, (real["y"].to_numpy() - 1, real["x"].to_numpy() - 1), 1)
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    im = ax.imshow(np.log1p(counts), cmap="magma", origin="upper")
+    ax.set_xlabel("x (cell)")
+    ax.set_ylabel("y (cell, downwards)")
+    ax.set_title("Synthetic grid city: visits per cell (log scale)")
+    fig.colorbar(im, ax=ax, label="log(1 + records)", shrink=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -123,6 +144,7 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, seed: int = 0, num_use
     _plot_city(city.pois, city.checkins, out / "city_map.png")
     _plot_hours(city.checkins, city.pois, out / "category_hours.png")
     _plot_baselines(checkin_report["results"], out / "baselines.png")
+    _plot_grid(grid, out / "grid_density.png")
 
     best = max(checkin_report["results"].items(), key=lambda kv: kv[1]["mrr"])
     lines = [
@@ -150,6 +172,8 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, seed: int = 0, num_use
         "## Grid city: 15-day trajectory prediction (test users)",
         "",
         format_results_table(grid_report),
+        "",
+        "![grid density](grid_density.png)",
         "",
         "Row account:",
         "",

@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 RANKING_COLUMNS = ("acc@1", "acc@5", "acc@10", "acc@20", "mrr", "ndcg@5", "ndcg@10")
 TRAJECTORY_COLUMNS = ("geobleu@5", "geobleu@3", "dtw")
+_HEADERS = {"acc@1": "Acc@1", "acc@5": "Acc@5", "acc@10": "Acc@10", "acc@20": "Acc@20", "mrr": "MRR",
+            "ndcg@5": "NDCG@5", "ndcg@10": "NDCG@10"}
 
 
 def grid_targets(data: PreparedDataset, split: str):
@@ -109,14 +111,15 @@ def format_results_table(report: dict) -> str:
     results = report["results"]
     if report["kind"] == "checkins":
         cols = RANKING_COLUMNS
-        lines = ["| model | " + " | ".join(c.upper() if c == "mrr" else c.capitalize() for c in cols) + " | samples |"]
+        lines = ["| model | " + " | ".join(_HEADERS[c] for c in cols) + " | samples |"]
         lines.append("|---|" + "---:|" * (len(cols) + 1))
         for name, res in results.items():
             lines.append(f"| {name} | " + " | ".join(f"{100 * res[c]:.2f}" for c in cols) + f" | {res['num_samples']:,} |")
         unseen = {n: r["unseen"] for n, r in results.items() if "unseen" in r}
         if unseen:
             lines += ["", "Samples whose target is an unseen (held-out) location:", "",
-                      "| model | " + " | ".join(cols) + " | samples |", "|---|" + "---:|" * (len(cols) + 1)]
+                      "| model | " + " | ".join(_HEADERS[c] for c in cols) + " | samples |",
+                      "|---|" + "---:|" * (len(cols) + 1)]
             for name, res in unseen.items():
                 lines.append(f"| {name} | " + " | ".join(f"{100 * res[c]:.2f}" for c in cols) +
                              f" | {res['num_samples']:,} |")

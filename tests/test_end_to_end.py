@@ -1,0 +1,75 @@
+"""The synthetic cities through the public CLI: synth -> prepare -> evaluate, the demo, and the city's structure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from datasets import load_dataset
+
+from train.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkin_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("city")
+    assert main(["-q", "data", "synth", "--out", str(root / "raw")]) == 0
+    assert main(["-q", "data", "prepare", "--format", "foursquare", "--input", str(root / "raw" / "checkins.txt"),
+                 "--locations", str(root / "raw" / "pois.csv"), "--out", str(root / "data")]) == 0
+    return root
+
+
+def test_synthetic_city_rewards_sequence_and_user_models(checkin_data, capsys):
+    """Per-user Markov-1 is clearly above global popularity and clearly below 1.0 on the synthetic city."""
+    out = checkin_data / "metrics.json"
+    assert main(["-q", "evaluate", "--baseline", "all", "--data", str(checkin_data / "data"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    pop, markov = res["popularity"]["acc@1"], res["markov"]["acc@1"]
+    assert markov >= 3 * pop and markov >= pop + 0.1
+    assert markov <= 0.6
+    # the user's habits are the strongest simple signal at k = 5, 10 (as on real check-in data)
+    assert res["most-frequent"]["acc@10"] > res["markov"]["acc@10"] > res["popularity"]["acc@10"]
+
+
+def test_prepared_synthetic_city_loads_with_names_and_categories(checkin_data):
+    locs = load_dataset(str(checkin_data / "data"), "locations")["train"].to_pandas()
+    assert {"location_id", "latitude", "longitude", "category", "name", "category_group", "heldout"} <= set(locs)
+    assert locs["location_id"].is_unique
+    assert locs["category"].notna().all() and (locs["name"].fillna("") != "").mean() > 0.8
+    assert "Café" in set(locs["category"])  # read from a Latin-1 file
+
+
+def test_inductive_prepare_and_unseen_metrics(checkin_data, capsys):
+    data = checkin_data / "ind"
+    assert main(["-q", "data", "prepare", "--format", "foursquare", "--input",
+                 str(checkin_data / "raw" / "checkins.txt"), "--out", str(data), "--inductive-fraction", "0.1"]) == 0
+    test = load_dataset(str(data), "samples")["test"].to_pandas()
+    assert (~test["target_seen"]).sum() > 0
+    assert main(["-q", "evaluate", "--baseline", "markov", "--data", str(data)]) == 0
+    printed = capsys.readouterr().out
+    assert "unseen (held-out) location" in printed
+    res = json.loads((data / "metrics.json").read_text())["results"]["markov"]
+    # held-out locations have no training visits: they can only be ranked by the last back-off keys
+    assert res["unseen"]["acc@1"] < res["acc@1"]
+
+
+def test_grid_city_through_the_cli(tmp_path, capsys):
+    assert main(["-q", "data", "synth", "--kind", "grid", "--users", "40", "--out", str(tmp_path / "raw")]) == 0
+    assert main(["-q", "data", "prepare", "--format", "yjmob", "--input", str(tmp_path / "raw" / "grid.csv"),
+                 "--out", str(tmp_path / "data"), "--predict-days", "60-74"]) == 0
+    assert main(["-q", "evaluate", "--baseline", "slot-mode", "--data", str(tmp_path / "data")]) == 0
+    res = json.loads((tmp_path / "data" / "metrics.json").read_text())["results"]["slot-mode"]
+    assert 0.2 < res["geobleu@5"] < 1 and res["geobleu@5"] < res["geobleu@3"]
+    assert res["dtw"] > 0
+    code = main(["-q", "evaluate", "--baseline", "markov", "--data", str(tmp_path / "data")])
+    assert code == 2 and "do not apply to grid data" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_writes_report_and_plots(tmp_path):
+    assert main(["-q", "demo", "--out", str(tmp_path / "demo"), "--users", "40"]) == 0
+    report = (tmp_path / "demo" / "report.md").read_text()
+    for name in ("city_map.png", "category_hours.png", "baselines.png", "grid_density.png"):
+        assert (tmp_path / "demo" / name).stat().st_size > 10_000
+        assert f"({name})" in report
+    assert "| markov |" in report and "| slot-mode |" in report and "Row account" in report
