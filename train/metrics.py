@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
-    "TRAJECTORY_COLUMNS",
+    "STEP_COLUMNS",
     "accuracy_at_k",
     "dtw",
     "dtw_day",
@@ -55,11 +55,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TRAJECTORY_COLUMNS = ("uid", "d", "t", "x", "y")
+STEP_COLUMNS = ("uid", "d", "t", "x", "y")
 
 # Cells per padded batch of days ([B, L, L] arrays of float64): bounds the memory of the vectorised trajectory
 # metrics to a few tens of MB per temporary array while keeping numpy calls large.
-_MAX_BATCH_CELLS = 1 << 21
+_MAX_BATCH_CELLS = 1 << 20
 # Elements per chunk of the dense [N, L] comparisons of `ranks_from_scores`.
 _MAX_RANK_CHUNK = 1 << 24
 
@@ -327,16 +327,16 @@ class _AlignedDays:
 def _as_steps(obj: Any, side: str) -> tuple[np.ndarray, np.ndarray]:
     """(uid, d, t) as an int64 [M, 3] array and (x, y) as a float64 [M, 2] array."""
     if isinstance(obj, pd.DataFrame):
-        missing = [c for c in TRAJECTORY_COLUMNS if c not in obj.columns]
+        missing = [c for c in STEP_COLUMNS if c not in obj.columns]
         if missing:
-            raise ValueError(f"{side} DataFrame lacks column(s) {missing}; expected {list(TRAJECTORY_COLUMNS)}")
+            raise ValueError(f"{side} DataFrame lacks column(s) {missing}; expected {list(STEP_COLUMNS)}")
         keys = obj[["uid", "d", "t"]].to_numpy()
         xy = obj[["x", "y"]].to_numpy()
     else:
         arr = np.asarray(obj)
         if arr.ndim != 2 or arr.shape[1] != 5:
             raise ValueError(
-                f"{side} must be a DataFrame with columns {list(TRAJECTORY_COLUMNS)} or an array of "
+                f"{side} must be a DataFrame with columns {list(STEP_COLUMNS)} or an array of "
                 f"shape [M, 5] in that column order, got shape {arr.shape}"
             )
         keys, xy = arr[:, :3], arr[:, 3:]
@@ -424,64 +424,129 @@ def _cell_distance(gen: np.ndarray, ref: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _greedy_matched_sums(prox: np.ndarray, num_rows: np.ndarray, num_cols: np.ndarray) -> np.ndarray:
+def _greedy_matched_sums(
+    prox: np.ndarray, num_rows: np.ndarray, num_cols: np.ndarray, row_leader: np.ndarray
+) -> np.ndarray:
     """Sum of the proximities matched by greedy one-to-one matching, for a batch of proximity matrices.
 
     The greedy procedure takes pairs in descending proximity, ties broken by (row, column), and keeps a pair when its
-    row and column are both free. This order is a strict total order on pairs, and the greedy matching is then the
-    unique stable matching (rows and columns both prefer higher pairs), which deferred acceptance finds with rows
-    proposing. All free rows of all days propose at once: a row proposes to its best column among those whose
-    current holder ranks below it (a column whose holder ranks above the row would reject it, now and later, since
-    holders only improve), and each column keeps its best proposer, which ranks above its previous holder.
+    row and column are both free. This is a strict total order on pairs, so the greedy matching is the unique stable
+    matching (rows and columns both prefer higher pairs), which deferred acceptance (Gale-Shapley) finds with rows
+    proposing, in any proposal order. Here all free rows of all days propose at once, each round:
+
+    - a row skips every column whose current holder ranks above it there (such a column rejects it now and later,
+      since holders only improve) and proposes to its best remaining column;
+    - rows with identical n-grams have identical proximity rows, and the lower one always wins their contests. The free
+      rows of such a class therefore propose together: the lowest one to its best available column, the next one to
+      the second best of the same list, and so on (each skipped column receives a proposal from a member that beats
+      it); a member past the end of the list can never be matched;
+    - each column keeps the best of its proposers (highest proximity, then lowest row) if it beats the current holder.
 
     Args:
         prox (`np.ndarray` of shape `(B, G, R)`): proximities; entries outside each day's valid block are ignored.
         num_rows (`np.ndarray` of shape `(B,)`): number of valid rows (generated n-grams) of each day.
         num_cols (`np.ndarray` of shape `(B,)`): number of valid columns (reference n-grams) of each day.
+        row_leader (`np.ndarray` of shape `(B, G)`): for each row, the lowest row of the same day whose proximity row
+            is known to be identical (itself when there is none).
 
     Returns:
         `np.ndarray` of shape `(B,)`: the matched proximity mass of each day.
     """
     batch, height, width = prox.shape
     col_ok = np.arange(width)[None, :] < num_cols[:, None]
-    # The value of a column's holder, +inf for padding columns so that they are never available, -1 when free (all
-    # proximities are >= 0).
+    # The value of a column's holder: -1 when free (proximities are >= 0), +inf for padding so it is never available.
     hold_val = np.where(col_ok, -1.0, np.inf)
     hold_row = np.full((batch, width), -1, dtype=np.int64)
-    masked = np.where(col_ok[:, None, :], prox, -np.inf)
-    free_b, free_i = np.nonzero(np.arange(height)[None, :] < num_rows[:, None])
-    # First round: every column is free, so each row proposes to its overall best column.
-    best_col = masked.argmax(axis=2)[free_b, free_i]
-    best_val = masked[free_b, free_i, best_col]
-    while True:
-        keep = best_val > -np.inf
-        free_b, free_i, best_col, best_val = free_b[keep], free_i[keep], best_col[keep], best_val[keep]
-        if free_b.size == 0:
+    if col_ok.all():
+        flat = np.ascontiguousarray(prox).reshape(batch * height, width)
+    else:
+        flat = np.where(col_ok[:, None, :], prox, -np.inf).reshape(batch * height, width)
+    # The valid rows in class order (by class label, then row): each class is a contiguous segment.
+    valid_b, valid_i = np.nonzero(np.arange(height)[None, :] < num_rows[:, None])
+    label = valid_b * height + row_leader[valid_b, valid_i]
+    by_class = np.argsort(label * height + valid_i)
+    valid_b, valid_i, label = valid_b[by_class], valid_i[by_class], label[by_class]
+    segment_start = np.ones(label.size, dtype=bool)
+    segment_start[1:] = label[1:] != label[:-1]
+    segment_of = np.cumsum(segment_start) - 1
+    position = np.empty(batch * height, dtype=np.int64)
+    position[valid_b * height + valid_i] = np.arange(label.size)
+    is_free = np.ones(label.size, dtype=bool)
+    first_round = True
+    first_choice = flat.argmax(axis=1)
+    # Each round either gives a day that still has free rows a new (row, column) win or drops all its free rows, and a
+    # row never wins the same column twice: at most height * width + 1 rounds (plus the final check).
+    for _ in range(height * width + 2):
+        # The free rows in class order, the lowest free row of each class (its leader) and each free row's rank.
+        free_pos = np.flatnonzero(is_free)
+        count = free_pos.size
+        if count == 0:
             break
-        # Each (day, column) keeps its best proposer: highest proximity, then lowest row.
-        group = free_b * width + best_col
-        order = np.lexsort((free_i, -best_val, group))
-        group_sorted = group[order]
-        first = np.ones(order.size, dtype=bool)
-        first[1:] = group_sorted[1:] != group_sorted[:-1]
-        win = order[first]
-        lose = np.ones(order.size, dtype=bool)
-        lose[win] = False
-        wb, wj = free_b[win], best_col[win]
-        displaced = hold_row[wb, wj]
+        free_b, free_i = valid_b[free_pos], valid_i[free_pos]
+        seg = segment_of[free_pos]
+        new_class = np.ones(count, dtype=bool)
+        new_class[1:] = seg[1:] != seg[:-1]
+        leader = np.flatnonzero(new_class)
+        class_of = np.cumsum(new_class) - 1
+        class_size = np.diff(np.append(leader, count))
+        # Each leader's available columns are those where it beats the current holder (all, in the first round).
+        lb, li = free_b[leader], free_i[leader]
+        leader_row = lb * height + li
+        if first_round:
+            rows = None
+            leader_col = first_choice[leader_row]
+            col = leader_col[class_of]
+            val = flat[leader_row[class_of], col]
+            first_round = False
+        else:
+            rows = np.take(flat, leader_row, axis=0)
+            held = np.take(hold_val, lb, axis=0)
+            taken = rows < held
+            tie_r, tie_c = np.divmod(np.flatnonzero(rows == held), width)  # equal proximity: the lower row wins
+            taken[tie_r, tie_c] = li[tie_r] > hold_row[lb[tie_r], tie_c]
+            np.copyto(rows, -np.inf, where=taken)
+            leader_col = rows.argmax(axis=1)
+            col = leader_col[class_of]
+            val = rows[class_of, col]
+        # Members of larger classes take the next columns of their leader's list, in preference order (proximity
+        # desc, then column asc): repeatedly knock out the last pick and take the arg-max again.
+        multi = np.flatnonzero(class_size > 1)
+        if multi.size:
+            sub = np.take(flat, leader_row[multi], axis=0) if rows is None else rows[multi]
+            pick = leader_col[multi]
+            for step in range(1, int(class_size.max())):
+                sub[np.arange(multi.size), pick] = -np.inf
+                left = class_size[multi] > step
+                multi, sub = multi[left], sub[left]
+                pick = sub.argmax(axis=1)
+                member = leader[multi] + step
+                col[member] = pick
+                val[member] = sub[np.arange(multi.size), pick]
+        # Members past the end of their class's list (and leaders with nothing available) are never matched.
+        keep = val > -np.inf
+        pb, pi, pj, pv = free_b[keep], free_i[keep], col[keep], val[keep]
+        # Each (day, column) takes its best proposer (highest proximity, then lowest row) if it beats the holder.
+        group = pb * width + pj
+        best_val = np.full(batch * width, -np.inf)
+        np.maximum.at(best_val, group, pv)
+        tied = np.flatnonzero(pv == best_val[group])
+        best_row = np.full(batch * width, height)
+        np.minimum.at(best_row, group[tied], pi[tied])
+        cand = tied[pi[tied] == best_row[group[tied]]]
+        cb, cj, ci, cv = pb[cand], pj[cand], pi[cand], pv[cand]
+        holder = hold_row[cb, cj]
+        holder_val = hold_val[cb, cj]
+        beats = (cv > holder_val) | ((cv == holder_val) & (ci < holder))
+        wb, wj, displaced = cb[beats], cj[beats], holder[beats]
+        hold_row[wb, wj] = ci[beats]
+        hold_val[wb, wj] = cv[beats]
+        # Winners leave the free rows, displaced holders rejoin them; dropped rows leave for good.
+        is_free[free_pos[~keep]] = False
+        is_free[position[wb * height + ci[beats]]] = False
         was_held = displaced >= 0
-        hold_row[wb, wj] = free_i[win]
-        hold_val[wb, wj] = best_val[win]
-        free_b = np.concatenate([free_b[lose], wb[was_held]])
-        free_i = np.concatenate([free_i[lose], displaced[was_held]])
-        if free_b.size == 0:
-            break
-        rows = masked[free_b, free_i]
-        hv = hold_val[free_b]
-        avail = (rows > hv) | ((rows == hv) & (free_i[:, None] < hold_row[free_b]))
-        rows[~avail] = -np.inf
-        best_col = rows.argmax(axis=1)
-        best_val = rows[np.arange(rows.shape[0]), best_col]
+        is_free[position[wb[was_held] * height + displaced[was_held]]] = True
+    else:
+        raise RuntimeError("greedy matching did not converge; this is a bug in train.metrics")
     return np.where(hold_row >= 0, hold_val, 0.0).sum(axis=1)
 
 
@@ -489,21 +554,29 @@ def _geobleu_batch(
     gen: np.ndarray, ref: np.ndarray, gen_len: np.ndarray, ref_len: np.ndarray, max_n: int, beta: float
 ) -> np.ndarray:
     """GEO-BLEU of a padded batch of days: gen [B, G, 2], ref [B, R, 2] with valid lengths gen_len, ref_len."""
+    batch, height = gen.shape[:2]
     point = np.exp(-beta * _cell_distance(gen, ref))
+    # same[b, i, k]: generated n-grams i and k of day b are identical (so are their proximity rows).
+    point_same = (gen[:, :, None, 0] == gen[:, None, :, 0]) & (gen[:, :, None, 1] == gen[:, None, :, 1])
+    same = point_same
     num_n = np.minimum(np.minimum(gen_len, ref_len), max_n)
-    log_sum = np.zeros(len(gen_len))
+    log_sum = np.zeros(batch)
     zero = num_n == 0
     ngram = point
     for n in range(1, int(num_n.max()) + 1):
         if n > 1:
             # Product of aligned point proximities, accumulated left to right.
             ngram = ngram[:, :-1, :-1] * point[:, n - 1 :, n - 1 :]
-        active = num_n >= n
-        idx = np.flatnonzero(active)
+            same = same[:, :-1, :-1] & point_same[:, n - 1 :, n - 1 :]
+        leader = same.argmax(axis=2)  # the first identical n-gram of the day
+        idx = np.flatnonzero(num_n >= n)
         if idx.size == 0:
             break
         rows = gen_len[idx] - n + 1
-        sums = _greedy_matched_sums(ngram[idx] if idx.size < len(gen_len) else ngram, rows, ref_len[idx] - n + 1)
+        if idx.size < batch:
+            sums = _greedy_matched_sums(ngram[idx], rows, ref_len[idx] - n + 1, leader[idx])
+        else:
+            sums = _greedy_matched_sums(ngram, rows, ref_len[idx] - n + 1, leader)
         p_n = sums / rows
         zero[idx] |= p_n <= 0.0
         with np.errstate(divide="ignore"):
@@ -633,7 +706,7 @@ def geobleu(
         gen = _padded(days.gen_xy, starts, lengths)
         ref = _padded(days.ref_xy, starts, lengths)
         scores[batch] = _geobleu_batch(gen, ref, lengths, lengths, max_n, beta)
-    logger.debug("GEO-BLEU over %d user-days of %d users", len(scores), len(np.unique(days.day_uid)))
+    logger.debug("GEO-BLEU (max_n=%d) over %d user-days", max_n, len(scores))
     return days.aggregate(scores, "geobleu", return_per_user)
 
 
@@ -760,5 +833,5 @@ def dtw(
         gen = _padded(days.gen_xy, starts, lengths)
         ref = _padded(days.ref_xy, starts, lengths)
         values[batch] = _dtw_batch(gen, ref, lengths, lengths, scale, old_first_row)
-    logger.debug("DTW over %d user-days of %d users", len(values), len(np.unique(days.day_uid)))
+    logger.debug("DTW over %d user-days", len(values))
     return days.aggregate(values, "dtw", return_per_user)
