@@ -24,6 +24,7 @@ __all__ = [
     "LoadedGrid",
     "assemble_checkins",
     "iter_table_chunks",
+    "read_checkin_file",
     "read_location_table",
     "resolve_encoding",
     "to_epoch_seconds",
@@ -494,6 +495,35 @@ def assemble_checkins(
     checkins = checkins.drop(columns=[c for c in ("category", "name", "address", "_line") if c in checkins.columns])
     account.add(step_name, rows_in, len(checkins), dropped, notes)
     return checkins, derived
+
+
+def read_checkin_file(
+    path: str | os.PathLike,
+    parse: Callable[[pd.DataFrame], pd.DataFrame],
+    *,
+    step_name: str,
+    sep: str | None,
+    header: bool,
+    names: list[str] | None = None,
+    source_columns: dict[str, str] | None = None,
+    on_error: OnError,
+    encoding: str | None,
+    locations: pd.DataFrame | None,
+    chunksize: int,
+    coord_tolerance: float,
+    account: RowAccount,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Chunked reading (:func:`iter_table_chunks`) plus validation and assembly (:func:`assemble_checkins`) of one
+    delimited or Parquet check-in file; the readers differ only in their columns and ``parse``."""
+    dropped: dict[str, int] = {}
+    chunks = iter_table_chunks(
+        path, sep=sep, names=names, header=header, encoding=encoding, chunksize=chunksize, on_error=on_error,
+        account_dropped=dropped,
+    )
+    return assemble_checkins(
+        chunks, parse, file=str(path), on_error=on_error, step_name=step_name, account=account,
+        coord_tolerance=coord_tolerance, locations=locations, pre_dropped=dropped, source_columns=source_columns,
+    )
 
 
 def _lines_of(df: pd.DataFrame, raw_index: pd.Index, lines: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..schema import DataValidationError, OnError, RowAccount
-from .base import DEFAULT_CHUNKSIZE, LoadedCheckins, assemble_checkins, iter_table_chunks, to_epoch_seconds
+from .base import DEFAULT_CHUNKSIZE, LoadedCheckins, read_checkin_file, to_epoch_seconds
 
 __all__ = ["CSV_MAPPABLE", "parse_column_mapping", "read_csv_checkins"]
 
@@ -94,7 +94,6 @@ def read_csv_checkins(
     mapping = parse_column_mapping(columns)
     account = account if account is not None else RowAccount()
     state: dict = {"relative": None, "timestamp_unit": None, "weekday_offsets": [], "has_tz": False}
-    dropped: dict[str, int] = {}
 
     def parse(raw: pd.DataFrame) -> pd.DataFrame:
         src = {canon: mapping.get(canon, canon) for canon in CSV_MAPPABLE}
@@ -137,14 +136,10 @@ def read_csv_checkins(
                 out[canon] = raw[present[canon]].astype("string")
         return out
 
-    chunks = iter_table_chunks(
-        path, sep=_sep_for(path, sep), header=True, encoding=encoding, chunksize=chunksize, on_error=on_error,
-        account_dropped=dropped,
-    )
-    checkins, locs = assemble_checkins(
-        chunks, parse, file=str(path), on_error=on_error, step_name=f"read csv {path.name}", account=account,
-        coord_tolerance=coord_tolerance, locations=locations, pre_dropped=dropped,
-        source_columns={canon: mapping.get(canon, canon) for canon in CSV_MAPPABLE},
+    checkins, locs = read_checkin_file(
+        path, parse, step_name=f"read csv {path.name}", sep=_sep_for(path, sep), header=True, on_error=on_error,
+        encoding=encoding, locations=locations, chunksize=chunksize, coord_tolerance=coord_tolerance,
+        account=account, source_columns={canon: mapping.get(canon, canon) for canon in CSV_MAPPABLE},
     )
     meta: dict = {"format": "csv", "source_files": [str(path)], "column_mapping": mapping}
     if state["relative"]:

@@ -11,7 +11,7 @@ import os
 import pandas as pd
 
 from ..schema import OnError, RowAccount
-from .base import DEFAULT_CHUNKSIZE, LoadedCheckins, assemble_checkins, iter_table_chunks, to_epoch_seconds
+from .base import DEFAULT_CHUNKSIZE, LoadedCheckins, read_checkin_file, to_epoch_seconds
 
 __all__ = ["TSMC_COLUMNS", "parse_tsmc_timestamps", "read_foursquare"]
 
@@ -78,14 +78,10 @@ def read_foursquare(
         locations (`pd.DataFrame`, *optional*): a location table (names, addresses) merged into the derived one.
     """
     account = account if account is not None else RowAccount()
-    dropped: dict[str, int] = {}
-    chunks = iter_table_chunks(
-        path, sep="\t", names=TSMC_COLUMNS, header=False, encoding=encoding, chunksize=chunksize, on_error=on_error,
-        account_dropped=dropped,
-    )
-    checkins, locs = assemble_checkins(
-        chunks, _parse, file=str(path), on_error=on_error, step_name=f"read foursquare {os.path.basename(path)}",
-        account=account, coord_tolerance=coord_tolerance, locations=locations, pre_dropped=dropped,
+    checkins, locs = read_checkin_file(
+        path, _parse, step_name=f"read foursquare {os.path.basename(path)}", sep="\t", header=False,
+        names=TSMC_COLUMNS, on_error=on_error, encoding=encoding, locations=locations, chunksize=chunksize,
+        coord_tolerance=coord_tolerance, account=account,
         source_columns={"user_id": "userId", "location_id": "venueId", "timestamp": "utcTimestamp",
                         "tz_offset_min": "timezoneOffset"},
     )
