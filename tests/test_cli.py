@@ -81,6 +81,16 @@ def test_on_error_raise_names_the_line(tmp_path, capsys):
     assert "latitude_out_of_range: 1" in capsys.readouterr().out
 
 
+def test_options_of_the_other_data_kind_are_rejected(tmp_path, capsys):
+    raw = _write_tsmc(tmp_path / "c.txt")
+    code = main(["-q", "data", "prepare", "--format", "foursquare", "--input", str(raw), "--out", str(tmp_path / "o"),
+                 "--predict-days", "60-74"])
+    assert code == 2 and "--predict-days only applies to the yjmob grid format" in capsys.readouterr().err
+    code = main(["-q", "data", "prepare", "--format", "yjmob", "--input", str(raw), "--out", str(tmp_path / "o"),
+                 "--inductive-fraction", "0.1"])
+    assert code == 2 and "--inductive-fraction only applies to check-in formats" in capsys.readouterr().err
+
+
 def test_wrong_format_name_is_rejected(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["data", "prepare", "--format", "geolife", "--input", "x", "--out", "y"])

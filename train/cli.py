@@ -175,6 +175,12 @@ def _prepare(args) -> None:
     from dataset_builders.readers import read_dataset
 
     t0 = time.time()
+    grid_only = {"--predict-days": args.predict_days is not None, "--user-fractions": args.user_fractions != (0.8, 0.1, 0.1)}
+    checkin_only = {"--inductive-fraction": args.inductive_fraction != 0.0, "--max-history": args.max_history is not None}
+    wrong = [k for k, v in (checkin_only if args.format == "yjmob" else grid_only).items() if v]
+    if wrong:
+        kind = "check-in formats" if args.format == "yjmob" else "the yjmob grid format"
+        raise ValueError(f"{', '.join(wrong)} only applies to {kind}, not to --format {args.format}")
     if args.format == "yjmob":
         config = GridPreprocessConfig(predict_days=args.predict_days, user_fractions=args.user_fractions,
                                       seed=args.seed)

@@ -100,6 +100,8 @@ def evaluate_baselines(data: str | os.PathLike | PreparedDataset, baselines="all
         raise ValueError(
             f"baseline(s) {wrong} do not apply to {data.kind} data; choose from {', '.join(allowed)} (or all)"
         )
+    if split == "hidden":
+        raise ValueError("the hidden split has no reference cells (its targets are 999): there is nothing to score")
     if split not in data.splits("samples"):
         raise ValueError(f"{data.path}: no split {split!r}; available: {data.splits('samples')}")
     fn = _checkin_results if data.kind == "checkins" else _grid_results
