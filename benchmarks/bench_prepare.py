@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=5_000)
     parser.add_argument("--locations", type=int, default=20_000)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="also time `mobility evaluate --baseline all` on the prepared test split")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
@@ -83,6 +85,19 @@ def main() -> None:
     ok = wall <= 60 and peak_mib <= 2048
     print(f"| {args.checkins:,} | {wall:.1f} | {args.checkins / wall:,.0f} | {peak_mib:,.0f} | "
           f"<= 60 s and <= 2048 MiB: {'met' if ok else 'MISSED'} |")
+    if args.evaluate:
+        cmd = [sys.executable, "-m", "train.cli", "-q", "evaluate", "--baseline", "all", "--data", str(tmp / "data")]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise SystemExit(f"evaluate failed: {proc.stderr}")
+        n = int(proc.stdout.split("| popularity |")[1].split("|")[-2].replace(",", ""))
+        peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        print()
+        print("| evaluate (4 baselines) | test samples | wall (s) | samples/s per baseline | peak RSS (MiB) |")
+        print("|---|---:|---:|---:|---:|")
+        print(f"| all | {n:,} | {wall:.1f} | {4 * n / wall:,.0f} | {peak_mib:,.0f} |")
     if not args.keep:
         import shutil
 

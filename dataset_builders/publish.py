@@ -107,7 +107,7 @@ def _card(prepared: PreparedCheckins | PreparedGrid, title: str) -> str:
     lines = [
         f"# {title}",
         "",
-        f"Prepared by [hf-mobility](https://github.com/) from `{source}` (format `{meta.get('format')}`).",
+        f"Prepared by hf-mobility (`mobility data prepare`) from `{source}` (format `{meta.get('format')}`).",
         "",
         "## Time",
         "",

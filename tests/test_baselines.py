@@ -118,3 +118,53 @@ def test_slot_mode_hand_worked():
     # the user's most visited cell (5,5)
     pred2 = slot_mode_predictions(_grid_samples(), day0_weekday=5)
     assert pred2[["x", "y"]].values.tolist() == [[5, 5], [7, 7], [1, 1], [5, 5]]
+
+
+def _brute_force_rank(name, train, locs, sample):
+    """An independent reference: every candidate's key tuple from plain Python counts, sorted."""
+    from collections import Counter
+
+    train = train.sort_values(["user_id", "timestamp"], kind="stable")
+    pop = Counter(train["location_id"])
+    user_visits = Counter(zip(train["user_id"], train["location_id"]))
+    user_trans, global_trans = Counter(), Counter()
+    for _, g in train.groupby("user_id", sort=False):
+        seq = list(g["location_id"])
+        for a, b in zip(seq, seq[1:]):
+            user_trans[(g["user_id"].iloc[0], a, b)] += 1
+            global_trans[(a, b)] += 1
+    user, hist, target = sample
+    hist_counts = Counter(hist)
+    last = hist[-1] if hist else None
+
+    def key(c):
+        uv = user_visits[(user, c)]
+        if name == "popularity":
+            k = ()
+        elif name == "most-frequent":
+            k = (uv,)
+        elif name == "history-frequency":
+            k = (hist_counts[c], uv)
+        else:
+            k = (user_trans[(user, last, c)], global_trans[(last, c)], uv)
+        return tuple(-v for v in k) + (-pop[c], locs.index(c))
+
+    ranking = sorted(locs, key=key)
+    return ranking.index(target) + 1
+
+
+def test_sparse_ranking_equals_brute_force():
+    rng = np.random.default_rng(1)
+    locs = [f"L{i:02d}" for i in range(30)]
+    train = pd.DataFrame({"user_id": rng.choice(["a", "b", "c"], 150), "location_id": rng.choice(locs[:25], 150),
+                          "timestamp": rng.permutation(150)})
+    raw = [(str(rng.choice(["a", "b", "c", "z"])), list(rng.choice(locs, rng.integers(1, 5))), str(rng.choice(locs)))
+           for _ in range(60)]
+    samples = pa.table({"user_id": [r[0] for r in raw], "history_location_ids": [r[1] for r in raw],
+                        "target_location_id": [r[2] for r in raw]})
+    for name in CHECKIN_BASELINES:
+        model = fit_checkin_baseline(name, train, locs)
+        expected = [_brute_force_rank(name, train, locs, r) for r in raw]
+        np.testing.assert_array_equal(model.rank(samples), expected, err_msg=name)
+        top = model.topk(samples, k=30)
+        assert [list(row).index(r[2]) + 1 for row, r in zip(top, raw)] == expected

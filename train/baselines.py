@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 CHECKIN_BASELINES = ("popularity", "most-frequent", "history-frequency", "markov")
 GRID_BASELINES = ("slot-mode",)
-_BATCH = 512
+_BATCH = 4096
 
 
 def _csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
@@ -77,75 +77,112 @@ class CheckinBaseline:
     def _codes(self, values) -> np.ndarray:
         return self.location_index.get_indexer(values)
 
-    def _batches(self, samples: pa.Table) -> Iterator[tuple[int, int, list[np.ndarray]]]:
-        """Yield (start, stop, keys) with keys a list of [B, L] arrays, most important first."""
+    def _global_order(self) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates ordered by (popularity desc, location order asc), and each candidate's position in it."""
+        order = np.lexsort((np.arange(self.num_locations), -self.popularity))
+        position = np.empty_like(order)
+        position[order] = np.arange(len(order))
+        return order, position
+
+    def _batches(self, samples: pa.Table) -> Iterator[tuple[int, int, list[sp.csr_matrix]]]:
+        """Yield (start, stop, keys): the per-sample keys before popularity, as sparse [B, L] matrices, most
+        important first. Every candidate outside their support ties at zero on all of them."""
         users = samples.column("user_id").to_numpy(zero_copy_only=False)
-        hist = samples.column("history_location_ids")
-        offsets = hist.combine_chunks().offsets.to_numpy() if hist.num_chunks != 1 else hist.chunk(0).offsets.to_numpy()
-        flat = self._codes(pa.chunked_array([c.flatten() for c in hist.chunks]).to_numpy())
+        hist = samples.column("history_location_ids").combine_chunks()
+        offsets = hist.offsets.to_numpy()
+        flat = self._codes(hist.flatten().to_numpy(zero_copy_only=False))
         n = samples.num_rows
         L = self.num_locations
         for lo in tqdm(range(0, n, _BATCH), desc=f"ranking ({self.name})", unit=" batch", disable=None, leave=False):
             hi = min(n, lo + _BATCH)
             b = hi - lo
             ucodes = np.array([self.user_index.get(u, -1) for u in users[lo:hi]], dtype=np.int64)
-            pop = np.broadcast_to(self.popularity, (b, L))
 
-            def user_rows(codes=ucodes):
-                rows = self.user_visits[np.maximum(codes, 0)].toarray()
-                rows[codes < 0] = 0.0
-                return rows
+            def rows_of(matrix: sp.csr_matrix, index: np.ndarray) -> sp.csr_matrix:
+                """Row ``index[i]`` of ``matrix`` for each sample, an empty row where ``index[i] < 0``."""
+                picked = matrix[np.maximum(index, 0)]
+                return sp.diags((index >= 0).astype(np.float64)) @ picked
 
             if self.name == "popularity":
-                keys = [pop]
+                keys = []
             elif self.name == "most-frequent":
-                keys = [user_rows(), pop]
+                keys = [rows_of(self.user_visits, ucodes)]
             elif self.name == "history-frequency":
-                start, stop = offsets[lo], offsets[hi]
-                codes = flat[start:stop]
+                codes = flat[offsets[lo] : offsets[hi]]
                 row = np.repeat(np.arange(b), np.diff(offsets[lo : hi + 1]))
                 ok = codes >= 0
-                hist_counts = np.zeros((b, L))
-                np.add.at(hist_counts, (row[ok], codes[ok]), 1.0)
-                keys = [hist_counts, user_rows(), pop]
+                keys = [_csr(row[ok], codes[ok], (b, L)), rows_of(self.user_visits, ucodes)]
             elif self.name == "markov":
-                last_pos = offsets[lo + 1 : hi + 1] - 1
-                last = np.where(offsets[lo + 1 : hi + 1] > offsets[lo:hi], flat[np.maximum(last_pos, 0)], -1)
+                has_hist = offsets[lo + 1 : hi + 1] > offsets[lo:hi]
+                last = np.where(has_hist, flat[np.maximum(offsets[lo + 1 : hi + 1] - 1, 0)], -1)
                 key = ucodes * L + last
                 pos = np.searchsorted(self.pair_keys, key)
-                pos_ok = np.minimum(pos, max(len(self.pair_keys) - 1, 0))
-                has = (ucodes >= 0) & (last >= 0) & (pos < len(self.pair_keys))
-                has &= self.pair_keys[pos_ok] == key if len(self.pair_keys) else False
-                ut = np.zeros((b, L))
-                if has.any():
-                    ut[has] = self.user_transitions[pos[has]].toarray()
-                gt = np.zeros((b, L))
-                has_last = last >= 0
-                if has_last.any():
-                    gt[has_last] = self.global_transitions[last[has_last]].toarray()
-                keys = [ut, gt, user_rows(), pop]
+                found = (ucodes >= 0) & (last >= 0) & (pos < len(self.pair_keys))
+                found[found] &= self.pair_keys[pos[found]] == key[found]
+                keys = [
+                    rows_of(self.user_transitions, np.where(found, pos, -1)),
+                    rows_of(self.global_transitions, last),
+                    rows_of(self.user_visits, ucodes),
+                ]
             else:  # pragma: no cover - guarded in fit_checkin_baseline
                 raise ValueError(self.name)
+            for k in keys:
+                k.eliminate_zeros()
             yield lo, hi, keys
 
+    @staticmethod
+    def _support(keys: list[sp.csr_matrix], b: int, L: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row, column) pairs where any key is non-zero, sorted by row then column."""
+        if not keys:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        union = sum((abs(k) for k in keys), sp.csr_matrix((b, L))).tocsr()
+        union.sum_duplicates()
+        union.eliminate_zeros()
+        rows = np.repeat(np.arange(b), np.diff(union.indptr))
+        return rows, union.indices.astype(np.int64)
+
+    @staticmethod
+    def _values(key: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        if len(rows) == 0:
+            return np.zeros(0)
+        return np.asarray(key[rows, cols]).ravel()
+
     def rank(self, samples: pa.Table) -> np.ndarray:
-        """1-based rank of each sample's target (``np.inf`` when the target is not a candidate location)."""
+        """1-based rank of each sample's target (``np.inf`` when the target is not a candidate location).
+
+        Sparse: only candidates with a non-zero per-sample key are compared one by one; all others are ordered by
+        popularity then location order, which a precomputed global order answers.
+        """
         target = self._codes(samples.column("target_location_id").to_numpy(zero_copy_only=False))
         ranks = np.full(samples.num_rows, np.inf)
-        cols = np.arange(self.num_locations)
+        _, position = self._global_order()
+        L = self.num_locations
         for lo, hi, keys in self._batches(samples):
+            b = hi - lo
             t = target[lo:hi]
             ok = t >= 0
             tt = np.where(ok, t, 0)
-            rows = np.arange(hi - lo)
-            better = np.zeros((hi - lo, self.num_locations), dtype=bool)
-            equal = np.ones_like(better)
-            for key in keys:
-                kt = key[rows, tt][:, None]
-                better |= equal & (key > kt)
-                equal &= key == kt
-            better |= equal & (cols[None, :] < tt[:, None])
-            r = 1.0 + better.sum(axis=1)
+            rows, cols = self._support(keys, b, L)
+            sample_rows = np.arange(b)
+            t_keys = [self._values(k, sample_rows, tt) for k in keys]
+            t_in_support = np.zeros(b, dtype=bool)
+            for v in t_keys:
+                t_in_support |= v != 0
+            # candidates in the support vs the target, lexicographically: keys, then the global order
+            better = np.zeros(len(rows), dtype=bool)
+            equal = np.ones(len(rows), dtype=bool)
+            for k, tv in zip(keys, t_keys):
+                cv = self._values(k, rows, cols)
+                better |= equal & (cv > tv[rows])
+                equal &= cv == tv[rows]
+            better |= equal & (position[cols] < position[tt][rows])
+            n_better_in_support = np.bincount(rows, weights=better, minlength=b)
+            support_size = np.bincount(rows, minlength=b)
+            # a target outside the support is beaten by the whole support and by the outside candidates ahead of
+            # it in the global order
+            ahead_in_support = np.bincount(rows, weights=position[cols] < position[tt][rows], minlength=b)
+            outside = 1 + support_size + position[tt] - ahead_in_support
+            r = np.where(t_in_support, 1 + n_better_in_support, outside)
             ranks[lo:hi] = np.where(ok, r, np.inf)
         return ranks
 
@@ -153,11 +190,23 @@ class CheckinBaseline:
         """The ``k`` best location ids per sample, as an [N, k] object array."""
         k = min(k, self.num_locations)
         out = np.empty((samples.num_rows, k), dtype=object)
-        cols = np.arange(self.num_locations)
+        order, position = self._global_order()
+        L = self.num_locations
         for lo, hi, keys in self._batches(samples):
-            # lexsort sorts ascending by the last key first: negate scores, location index breaks ties
-            order = np.lexsort([np.broadcast_to(cols, keys[0].shape)] + [-key for key in reversed(keys)], axis=-1)
-            out[lo:hi] = self.location_ids[order[:, :k]]
+            b = hi - lo
+            rows, cols = self._support(keys, b, L)
+            values = [self._values(key, rows, cols) for key in keys]
+            # lexsort: the last key is the primary one -> rows, then each key descending, then the global order
+            within = np.lexsort([position[cols]] + [-v for v in reversed(values)] + [rows])
+            rows, cols = rows[within], cols[within]
+            starts = np.searchsorted(rows, np.arange(b + 1))
+            for i in range(b):
+                head = cols[starts[i] : starts[i + 1]][:k]
+                if len(head) < k:
+                    fill = order[: k + len(head)]
+                    fill = fill[~np.isin(fill, head)][: k - len(head)]
+                    head = np.concatenate([head, fill])
+                out[lo + i] = self.location_ids[head]
         return out
 
 
