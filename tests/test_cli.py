@@ -113,3 +113,31 @@ def test_every_command_has_help():
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "train.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "mobility" in out.stdout
+
+
+def test_headerless_files_like_foursquare_tist2015(tmp_path, capsys):
+    """Check-ins and POIs without header lines, mapped by position, with a custom time format."""
+    rng = np.random.default_rng(0)
+    start = pd.Timestamp("2012-04-03", tz="UTC")
+    lines = []
+    for i in range(400):
+        ts = (start + pd.Timedelta(hours=int(i * 7 % 1000))).strftime("%a %b %d %H:%M:%S +0000 %Y")
+        lines.append(f"{i % 8}\tv{rng.integers(0, 6)}\t{ts}\t-240")
+    (tmp_path / "checkins.txt").write_text("\n".join(lines) + "\n")
+    pois = "".join(f"v{j}\t{40 + j / 100}\t{-74 + j / 100}\tCafe\tUS\n" for j in range(6))
+    (tmp_path / "pois.txt").write_text(pois)
+    code = main([
+        "-q", "data", "prepare", "--format", "csv", "--input", str(tmp_path / "checkins.txt"),
+        "--locations", str(tmp_path / "pois.txt"), "--out", str(tmp_path / "data"), "--no-header",
+        "--columns", "user_id=0,location_id=1,timestamp=2,tz_offset_min=3",
+        "--location-columns", "location_id=0,latitude=1,longitude=2,category=3",
+        "--timestamp-format", "%a %b %d %H:%M:%S %z %Y", "--on-error", "raise",
+    ])
+    assert code == 0, capsys.readouterr().err
+    checkins = load_dataset(str(tmp_path / "data"), "checkins")
+    rows = sum(checkins[s].num_rows for s in checkins)
+    assert rows == 400
+    first = checkins["train"].to_pandas().sort_values("timestamp").iloc[0]
+    assert first["timestamp"] == int(start.timestamp()) and first["tz_offset_min"] == -240
+    locs = load_dataset(str(tmp_path / "data"), "locations")["train"].to_pandas()
+    assert set(locs["category"]) == {"Cafe"} and "4" in locs.columns  # unmapped columns kept by position

@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
         "day=...,minute=... instead of timestamp (optional weekday=..., 0=Monday); also tz_offset_min, category, "
         "name, address",
     )
+    prep.add_argument("--location-columns", default=None,
+                      help="column mapping of the --locations table when it differs from --columns, e.g. "
+                      "location_id=0,latitude=1,longitude=2,category=3")
+    prep.add_argument("--no-header", action="store_true",
+                      help="csv only: the files have no header line; columns are named by position 0, 1, ... "
+                      "(Foursquare TIST2015: --columns user_id=0,location_id=1,timestamp=2,tz_offset_min=3)")
+    prep.add_argument("--timestamp-format", default=None,
+                      help="csv only: strftime format of time strings (default: ISO 8601, then a mixed-format "
+                      "parser), e.g. '%%a %%b %%d %%H:%%M:%%S %%z %%Y'")
     prep.add_argument("--on-error", choices=["drop", "raise"], default="drop",
                       help="drop and count bad rows (default) or stop at the first with file, line and column")
     prep.add_argument("--encoding", default=None, help="text encoding (default: detect UTF-8, else Latin-1)")
@@ -194,7 +203,9 @@ def _prepare(args) -> None:
             seed=args.seed,
         )
     loaded = read_dataset(args.format, args.input, columns=args.columns, locations_path=args.locations,
-                          on_error=args.on_error, encoding=args.encoding, grid_size=args.grid_size)
+                          on_error=args.on_error, encoding=args.encoding, grid_size=args.grid_size,
+                          header=not args.no_header, location_columns=args.location_columns,
+                          timestamp_format=args.timestamp_format)
     prepared = prepare_grid(loaded, config) if loaded.kind == "grid" else prepare_checkins(loaded, config)
     out = write_prepared(prepared, args.out)
     print(f"Row account ({args.input}):\n")

@@ -46,12 +46,17 @@ def read_dataset(
     encoding: str | None = None,
     chunksize: int | None = None,
     grid_size: int = 200,
+    header: bool = True,
+    location_columns: str | dict[str, str] | None = None,
+    timestamp_format: str | None = None,
 ) -> LoadedCheckins | LoadedGrid:
     """Read ``path`` in ``format`` (one of :data:`FORMATS`) into canonical tables with a row account.
 
     ``locations_path`` names an optional location/POI table (names, categories, addresses, or the coordinates when the
     check-ins have none); ``columns`` maps canonical names to source columns for the ``csv`` format and the location
-    table.
+    table (``location_columns`` maps the location table separately). ``header=False`` reads csv check-ins and the
+    location table without a header line, naming columns by position (``"0"``, ``"1"``, ...);
+    ``timestamp_format`` is a ``strftime`` format for csv time strings.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
@@ -62,12 +67,15 @@ def read_dataset(
             raise ValueError("--locations does not apply to the yjmob grid format")
         sized = {} if chunksize is None else {"chunksize": chunksize}  # else the grid reader's larger default
         return read_yjmob(path, on_error=on_error, encoding=encoding, grid_size=grid_size, account=account, **sized)
+    if format != "csv" and (not header or timestamp_format):
+        raise ValueError(f"--no-header and --timestamp-format apply to the csv format, not to {format!r}")
     if columns and format != "csv" and locations_path is None:
         raise ValueError(f"--columns applies to the csv format and to location tables, not to {format!r} alone")
     locations = None
     if locations_path is not None:
+        loc_mapping = parse_column_mapping(location_columns) if location_columns else mapping
         locations = read_location_table(
-            locations_path, columns=mapping, encoding=None, on_error=on_error, account=account
+            locations_path, columns=loc_mapping, encoding=None, on_error=on_error, header=header, account=account
         )
     kwargs = dict(on_error=on_error, encoding=encoding, locations=locations, account=account,
                   chunksize=DEFAULT_CHUNKSIZE if chunksize is None else chunksize)
@@ -76,7 +84,7 @@ def read_dataset(
     elif format == "gowalla":
         loaded = read_gowalla(path, **kwargs)
     else:
-        loaded = read_csv_checkins(path, columns=mapping, **kwargs)
+        loaded = read_csv_checkins(path, columns=mapping, header=header, timestamp_format=timestamp_format, **kwargs)
     if locations_path is not None:
         loaded.metadata["source_files"].append(str(Path(locations_path)))
     return loaded

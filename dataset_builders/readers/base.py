@@ -24,6 +24,8 @@ __all__ = [
     "LoadedGrid",
     "assemble_checkins",
     "iter_table_chunks",
+    "default_sep",
+    "positional_names",
     "read_checkin_file",
     "read_location_table",
     "resolve_encoding",
@@ -305,6 +307,28 @@ def to_epoch_seconds(values: pd.Series) -> pd.Series:
     return out
 
 
+def positional_names(path: str | os.PathLike, sep: str, encoding: str | None) -> list[str]:
+    """Column names ``"0", "1", ...`` for a file without a header, from the field count of its first non-blank line
+    (map them with ``--columns user_id=0,...``)."""
+    import csv
+    import gzip
+
+    path = Path(path)
+    enc = resolve_encoding(path, encoding)
+    opener = gzip.open if _is_gzip(path) else open
+    with opener(path, "rt", encoding=enc, newline="") as f:
+        for row in csv.reader(f, delimiter=sep):
+            if row:
+                return [str(i) for i in range(len(row))]
+    raise DataValidationError(f"{path}: the file has no data rows", file=str(path), expected="data rows")
+
+
+def default_sep(path: str | os.PathLike) -> str:
+    """Tab for ``.tsv``/``.txt`` files (gzip or not), comma otherwise."""
+    name = Path(path).name.lower().removesuffix(".gz")
+    return "\t" if name.endswith((".tsv", ".txt")) else ","
+
+
 def read_location_table(
     path: str | os.PathLike,
     *,
@@ -312,18 +336,21 @@ def read_location_table(
     encoding: str | None = None,
     on_error: OnError = "drop",
     coord_tolerance: float = 1e-5,
+    header: bool = True,
     account: RowAccount | None = None,
 ) -> pd.DataFrame:
     """Read a POI / location table (CSV, TSV or Parquet) with canonical column names (or mapped by ``columns``:
-    canonical name -> source name). Only ``location_id`` is required; extra columns are kept."""
+    canonical name -> source name; positions ``"0", "1", ...`` for a file without a header). Only ``location_id`` is
+    required; extra columns are kept."""
     path = Path(path)
     rename = {src: canon for canon, src in (columns or {}).items()}
-    sep = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    sep = default_sep(path)
+    names = None if header or path.suffix.lower() in (".parquet", ".pq") else positional_names(path, sep, encoding)
     frames = []
     dropped: dict[str, int] = {}
     rows_in = 0
-    for chunk, lines in iter_table_chunks(path, sep=sep, header=True, encoding=encoding, on_error=on_error,
-                                          account_dropped=dropped):
+    for chunk, lines in iter_table_chunks(path, sep=sep, header=names is None, names=names, encoding=encoding,
+                                          on_error=on_error, account_dropped=dropped):
         rows_in += len(chunk)
         chunk = chunk.rename(columns=rename)
         blank = blank_rows(chunk)

@@ -16,7 +16,14 @@ import numpy as np
 import pandas as pd
 
 from ..schema import DataValidationError, OnError, RowAccount
-from .base import DEFAULT_CHUNKSIZE, LoadedCheckins, read_checkin_file, to_epoch_seconds
+from .base import (
+    DEFAULT_CHUNKSIZE,
+    LoadedCheckins,
+    default_sep,
+    positional_names,
+    read_checkin_file,
+    to_epoch_seconds,
+)
 
 __all__ = ["CSV_MAPPABLE", "parse_column_mapping", "read_csv_checkins"]
 
@@ -61,13 +68,6 @@ def parse_column_mapping(spec: str | dict[str, str] | None) -> dict[str, str]:
     return mapping
 
 
-def _sep_for(path: Path, sep: str | None) -> str | None:
-    if sep is not None:
-        return sep
-    name = path.name.lower().removesuffix(".gz")
-    return "\t" if name.endswith((".tsv", ".txt")) else ","
-
-
 def read_csv_checkins(
     path: str | os.PathLike,
     *,
@@ -79,6 +79,7 @@ def read_csv_checkins(
     locations: pd.DataFrame | None = None,
     chunksize: int = DEFAULT_CHUNKSIZE,
     coord_tolerance: float = 1e-5,
+    header: bool = True,
     account: RowAccount | None = None,
 ) -> LoadedCheckins:
     """Read check-ins from any CSV/TSV (gzip allowed) or Parquet file with a column mapping.
@@ -89,10 +90,17 @@ def read_csv_checkins(
         timestamp_format (`str`, *optional*): a ``strftime`` format for string timestamps; by default ISO 8601, then
             pandas' mixed-format parser.
         sep (`str`, *optional*): the delimiter; by default tab for ``.tsv``/``.txt``, else comma.
+        header (`bool`, *optional*, defaults to `True`): whether the first line names the columns; without one the
+            columns are named by position, ``"0"``, ``"1"``, ... (e.g. the Foursquare global-scale TIST2015 files:
+            ``--columns user_id=0,location_id=1,timestamp=2,tz_offset_min=3``).
     """
     path = Path(path)
     mapping = parse_column_mapping(columns)
     account = account if account is not None else RowAccount()
+    sep = sep if sep is not None else default_sep(path)
+    is_parquet = path.suffix.lower() in (".parquet", ".pq")
+    names = None if header or is_parquet else positional_names(path, sep, encoding)
+    header = header or is_parquet
     state: dict = {"relative": None, "timestamp_unit": None, "weekday_offsets": [], "has_tz": False}
 
     def parse(raw: pd.DataFrame) -> pd.DataFrame:
@@ -137,7 +145,7 @@ def read_csv_checkins(
         return out
 
     checkins, locs = read_checkin_file(
-        path, parse, step_name=f"read csv {path.name}", sep=_sep_for(path, sep), header=True, on_error=on_error,
+        path, parse, step_name=f"read csv {path.name}", sep=sep, header=header, names=names, on_error=on_error,
         encoding=encoding, locations=locations, chunksize=chunksize, coord_tolerance=coord_tolerance,
         account=account, source_columns={canon: mapping.get(canon, canon) for canon in CSV_MAPPABLE},
     )
