@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .readers.base import LoadedCheckins, LoadedGrid
+from .readers.yjmob import sorted_by_user_day_slot
 from .schema import HIDDEN_CELL, RowAccount
 
 __all__ = [
@@ -359,7 +360,7 @@ def prepare_grid(loaded: LoadedGrid, config: GridPreprocessConfig | None = None)
     """
     cfg = config or GridPreprocessConfig()
     account = RowAccount(list(loaded.account.steps))
-    grid = loaded.grid.sort_values(["uid", "d", "t"], kind="stable", ignore_index=True)
+    grid = sorted_by_user_day_slot(loaded.grid)
     d_min, d_max = int(grid["d"].min()), int(grid["d"].max())
     first, last = cfg.predict_days if cfg.predict_days is not None else (max(d_min + 1, d_max - 14), d_max)
     if first <= d_min:
@@ -369,7 +370,12 @@ def prepare_grid(loaded: LoadedGrid, config: GridPreprocessConfig | None = None)
     hidden = (grid["x"] == HIDDEN_CELL).to_numpy()
     uid = grid["uid"].to_numpy()
 
-    users, ucodes = np.unique(uid, return_inverse=True)
+    # sorted by uid: a user's code is the number of uid changes before its rows (no sort, no hash table)
+    change = np.empty(len(uid), dtype=bool)
+    change[:1] = True
+    np.not_equal(uid[1:], uid[:-1], out=change[1:])
+    users = uid[change]
+    ucodes = np.cumsum(change, dtype=np.int64) - 1
     n_users = len(users)
     n_input = np.bincount(ucodes, weights=(~is_target & ~beyond & ~hidden), minlength=n_users)
     n_target = np.bincount(ucodes, weights=is_target, minlength=n_users)
@@ -417,7 +423,7 @@ def prepare_grid(loaded: LoadedGrid, config: GridPreprocessConfig | None = None)
     cols = {c: kept_grid[c].to_numpy() for c in ("d", "t", "x", "y")}
     for s, name in enumerate((*SPLITS, "hidden")):
         members = np.flatnonzero(user_split == s)
-        row_sel = np.isin(kcodes, members)
+        row_sel = user_split[kcodes] == s
         grids[name] = _arrow(kept_grid.loc[row_sel])
         parts = {"uid": pa.array(users[members].astype(np.int64))}
         for prefix, mask in (("input", row_sel & ~ktarget), ("target", row_sel & ktarget)):

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..schema import HIDDEN_CELL, DataValidationError, OnError, RowAccount, check_on_error, validate_grid
 from .base import DEFAULT_CHUNKSIZE, LoadedGrid, _is_gzip, blank_rows, iter_table_chunks, resolve_encoding
 
-__all__ = ["read_yjmob"]
+__all__ = ["read_yjmob", "sorted_by_user_day_slot"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,16 +88,20 @@ def _read_clean_numeric(
     return pd.DataFrame({name: np.concatenate(parts.pop(name)) for name in _NAMES}, copy=False)
 
 
-def _sorted_by_user_day_slot(grid: pd.DataFrame) -> pd.DataFrame:
-    """Stable sort by (uid, d, t), skipped when the file is already in that order (the usual case)."""
+def sorted_by_user_day_slot(grid: pd.DataFrame, block: int = 1 << 22) -> pd.DataFrame:
+    """Stable sort by (uid, d, t), skipped when the file is already in that order (the usual case). The order check
+    runs in blocks, so its temporaries stay small next to the table."""
     uid, d, t = grid["uid"].to_numpy(), grid["d"].to_numpy(), grid["t"].to_numpy()
-    if len(grid) < 2:
-        return grid.reset_index(drop=True)
-    step_u = np.diff(uid)
-    step_d = np.diff(d.astype(np.int32))
-    step_t = np.diff(t.astype(np.int16))
-    in_order = (step_u > 0) | ((step_u == 0) & ((step_d > 0) | ((step_d == 0) & (step_t >= 0))))
-    if in_order.all():
+    in_order = True
+    for lo in range(0, max(len(grid) - 1, 0), block):
+        hi = min(len(grid), lo + block + 1)
+        step_u = np.diff(uid[lo:hi])
+        step_d = np.diff(d[lo:hi].astype(np.int32))
+        step_t = np.diff(t[lo:hi].astype(np.int16))
+        if not ((step_u > 0) | ((step_u == 0) & ((step_d > 0) | ((step_d == 0) & (step_t >= 0))))).all():
+            in_order = False
+            break
+    if in_order:
         return grid.reset_index(drop=True)
     order = np.lexsort((t, d, uid))
     return grid.take(order).reset_index(drop=True)
@@ -173,7 +177,7 @@ def read_yjmob(
     if len(grid) == 0:
         account.add(f"read yjmob {path.name}", rows_in, 0, dropped)
         raise DataValidationError(f"{path}: no valid rows (dropped: {dropped})", file=str(path))
-    grid = _sorted_by_user_day_slot(grid)
+    grid = sorted_by_user_day_slot(grid)
     uid_a, d_a, t_a = grid["uid"].to_numpy(), grid["d"].to_numpy(), grid["t"].to_numpy()
     dup = np.zeros(len(grid), dtype=bool)  # sorted: a repeated (uid, d, t) follows its first row
     dup[1:] = (uid_a[1:] == uid_a[:-1]) & (d_a[1:] == d_a[:-1]) & (t_a[1:] == t_a[:-1])
