@@ -53,17 +53,50 @@ def write_tsmc(path: Path, n: int, users: int, locations: int, seed: int = 0) ->
     frame.to_csv(path, sep="\t", header=False, index=False, encoding="latin-1")
 
 
+def bench_grid(tmp: Path, users: int) -> None:
+    from dataset_builders.synthetic import synthesize_grid, write_yjmob
+
+    t = time.perf_counter()
+    grid = synthesize_grid(num_users=users)
+    raw = write_yjmob(grid, tmp / "grid.csv")
+    rows = len(grid)
+    del grid
+    print(f"wrote {rows:,} grid rows ({raw.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f}s")
+    cmd = [sys.executable, "-m", "train.cli", "-q", "data", "prepare", "--format", "yjmob", "--input", str(raw),
+           "--out", str(tmp / "data")]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"prepare failed: {proc.stderr}")
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print()
+    print("| grid rows | wall (s) | rows/s | peak RSS (MiB) | bytes per row |")
+    print("|---:|---:|---:|---:|---:|")
+    print(f"| {rows:,} | {wall:.1f} | {rows / wall:,.0f} | {peak_mib:,.0f} | {peak_mib * 2**20 / rows:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkins", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=5_000)
     parser.add_argument("--locations", type=int, default=20_000)
+    parser.add_argument("--grid-users", type=int, default=0,
+                        help="instead: a synthetic YJMob-style grid of this many users through `data prepare --format "
+                        "yjmob` (12,000 users are ~10.5M rows; HuMob city A is ~111M)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--evaluate", action="store_true",
                         help="also time `mobility evaluate --baseline all` on the prepared test split")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
+    if args.grid_users:
+        bench_grid(tmp, args.grid_users)
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     raw = tmp / "checkins.txt"
     t = time.perf_counter()
     write_tsmc(raw, args.checkins, args.users, args.locations)
