@@ -5,7 +5,8 @@ Target (issue #2): at most 60 s on 2 cores and a peak RSS of at most 2 GB.
     python benchmarks/bench_prepare.py [--checkins 1000000] [--users 5000] [--locations 20000] [--keep]
 
 The file is written once (not timed), then ``mobility data prepare --format foursquare`` runs in a child process whose
-wall time and peak resident memory (``ru_maxrss`` of the child) are printed.
+wall time and peak resident memory (``ru_maxrss`` of the children) are printed. ``--evaluate`` also times the baselines;
+``--grid-users N`` benchmarks the grid path instead.
 """
 
 from __future__ import annotations
@@ -53,6 +54,19 @@ def write_tsmc(path: Path, n: int, users: int, locations: int, seed: int = 0) ->
     frame.to_csv(path, sep="\t", header=False, index=False, encoding="latin-1")
 
 
+def run_cli(*args: str) -> tuple[float, str, float]:
+    """Run ``mobility ARGS`` in a child process; return (wall seconds, stdout, the largest child peak RSS in MiB)."""
+    cmd = [sys.executable, "-m", "train.cli", "-q", *args]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"`mobility {' '.join(args)}` failed with exit code {proc.returncode}:\n{err}")
+    # ru_maxrss of RUSAGE_CHILDREN is the largest peak of all children so far
+    return wall, out, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
 def bench_grid(tmp: Path, users: int) -> None:
     from dataset_builders.synthetic import synthesize_grid, write_yjmob
 
@@ -62,14 +76,7 @@ def bench_grid(tmp: Path, users: int) -> None:
     rows = len(grid)
     del grid
     print(f"wrote {rows:,} grid rows ({raw.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f}s")
-    cmd = [sys.executable, "-m", "train.cli", "-q", "data", "prepare", "--format", "yjmob", "--input", str(raw),
-           "--out", str(tmp / "data")]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise SystemExit(f"prepare failed: {proc.stderr}")
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    wall, _, peak_mib = run_cli("data", "prepare", "--format", "yjmob", "--input", str(raw), "--out", str(tmp / "data"))
     print()
     print("| grid rows | wall (s) | rows/s | peak RSS (MiB) | bytes per row |")
     print("|---:|---:|---:|---:|---:|")
@@ -102,16 +109,9 @@ def main() -> None:
     write_tsmc(raw, args.checkins, args.users, args.locations)
     print(f"wrote {args.checkins:,} check-ins ({raw.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f}s")
 
-    cmd = [sys.executable, "-m", "train.cli", "-q", "data", "prepare", "--format", "foursquare", "--input", str(raw),
-           "--out", str(tmp / "data")]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        print(proc.stdout, proc.stderr)
-        raise SystemExit(f"prepare failed with exit code {proc.returncode}")
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(proc.stdout.strip().splitlines()[-2])
+    wall, out, peak_mib = run_cli("data", "prepare", "--format", "foursquare", "--input", str(raw),
+                                  "--out", str(tmp / "data"))
+    print(out.strip().splitlines()[-2])
     print()
     print("| check-ins | wall (s) | check-ins/s | peak RSS (MiB) | target |")
     print("|---:|---:|---:|---:|---|")
@@ -119,16 +119,10 @@ def main() -> None:
     print(f"| {args.checkins:,} | {wall:.1f} | {args.checkins / wall:,.0f} | {peak_mib:,.0f} | "
           f"<= 60 s and <= 2048 MiB: {'met' if ok else 'MISSED'} |")
     if args.evaluate:
-        cmd = [sys.executable, "-m", "train.cli", "-q", "evaluate", "--baseline", "all", "--data", str(tmp / "data")]
-        t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t
-        if proc.returncode != 0:
-            raise SystemExit(f"evaluate failed: {proc.stderr}")
-        n = int(proc.stdout.split("| popularity |")[1].split("|")[-2].replace(",", ""))
-        peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        wall, out, peak_mib = run_cli("evaluate", "--baseline", "all", "--data", str(tmp / "data"))
+        n = int(out.split("| popularity |")[1].split("|")[-2].replace(",", ""))
         print()
-        print("| evaluate (4 baselines) | test samples | wall (s) | samples/s per baseline | peak RSS (MiB) |")
+        print("| evaluate (4 baselines) | test samples | wall (s) | samples/s per baseline | peak RSS, max of both runs (MiB) |")
         print("|---|---:|---:|---:|---:|")
         print(f"| all | {n:,} | {wall:.1f} | {4 * n / wall:,.0f} | {peak_mib:,.0f} |")
     if not args.keep:
