@@ -105,9 +105,12 @@ def test_every_command_has_help():
         with pytest.raises(SystemExit) as exc:
             parser.parse_args([*cmd, "--help"])
         assert exc.value.code == 0
-    # every option documents itself
-    for action in parser._subparsers._group_actions[0].choices["evaluate"]._actions:
-        assert action.help, action.dest
+    # every option of every command documents itself
+    top = parser._subparsers._group_actions[0].choices
+    commands = [top["evaluate"], top["demo"], *top["data"]._subparsers._group_actions[0].choices.values()]
+    for command in commands:
+        for action in command._actions:
+            assert action.help, (command.prog, action.dest)
 
 
 def test_console_script_runs():

@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             _evaluate(args)
         elif args.command == "demo":
             _demo(args)
-    except (DataValidationError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+    except (DataValidationError, ValueError, OSError) as err:  # bad input, missing or unwritable files
         print(f"mobility: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
