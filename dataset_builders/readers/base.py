@@ -507,12 +507,12 @@ def assemble_checkins(
     loc_cols = ["location_id", "latitude", "longitude"] + [c for c in ("category", "name", "address") if c in first]
     derived = first[loc_cols].reset_index(drop=True)
     if locations is not None:
-        extra_cols = [c for c in locations.columns if c not in ("latitude", "longitude") or c not in derived]
-        info = locations[extra_cols].drop_duplicates("location_id").set_index("location_id")
+        # the table's names, categories and extra columns win over what the check-ins carry; coordinates stay the
+        # check-ins' (the ones every model sees)
+        info_cols = [c for c in locations.columns if c not in ("latitude", "longitude")]
+        info = locations[info_cols].drop_duplicates("location_id").set_index("location_id")
         merged_tab = derived.set_index("location_id")
         for col in info.columns:
-            if col in ("latitude", "longitude"):
-                continue
             values = info[col].reindex(merged_tab.index)
             if col in merged_tab.columns:
                 merged_tab[col] = values.where(values.notna(), merged_tab[col])
