@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -31,6 +32,7 @@ import pandas as pd
 
 __all__ = [
     "CATEGORY_HIERARCHY",
+    "LAND_USE_COLOURS",
     "LAND_USES",
     "SyntheticCheckins",
     "synthesize_checkins",
@@ -139,6 +141,21 @@ _LAND_USE_SIZE = {"residential": 1.5, "office": 1.2, "campus": 0.8, "nightlife":
                   "transit_hub": 0.5}
 _LAND_USE_EXTRA = {"residential": 3, "office": 2, "campus": 0.5, "nightlife": 1, "parks": 0.5, "shopping": 1,
                    "transit_hub": 0.5}
+
+#: RGB colour of each land use in the land-use tiles (:meth:`SyntheticCheckins.land_use_tiles`), plus ``"empty"`` for
+#: ground outside every neighbourhood (water, empty lots). POI markers use a darker shade of their land use's colour.
+LAND_USE_COLOURS: dict[str, tuple[int, int, int]] = {
+    "residential": (250, 232, 150),  # light yellow
+    "office": (135, 158, 192),  # grey-blue
+    "campus": (243, 156, 62),  # orange (education)
+    "nightlife": (152, 92, 186),  # purple (nightlife / entertainment)
+    "parks": (104, 178, 86),  # green (parks / outdoors)
+    "shopping": (232, 108, 140),  # red-pink
+    "transit_hub": (88, 88, 96),  # dark grey
+    "empty": (222, 211, 184),  # beige (water / empty)
+}
+if set(LAND_USE_COLOURS) != {*LAND_USES, "empty"}:  # pragma: no cover - guards edits of the tables
+    raise RuntimeError("LAND_USE_COLOURS must have exactly one colour per land use plus 'empty'")
 
 # City box (NYC-like) in degrees; neighbourhood centres keep a margin from its edges.
 _LAT_RANGE = (40.68, 40.88)
@@ -417,6 +434,7 @@ class _PoiCity:
     land_use: np.ndarray  # str
     names: list[str]
     venue_ids: np.ndarray  # str
+    neighbourhoods: pd.DataFrame  # the layout: one row per neighbourhood (see SyntheticCheckins)
 
     @property
     def group(self) -> np.ndarray:
@@ -483,7 +501,17 @@ def _build_poi_city(num_locations: int, rng: np.random.Generator) -> _PoiCity:
         venue_ids[dup] = [f"{v:024x}" for v in rng.integers(0, 2**62, int(dup.sum()))]
     px = (lon - _LON_RANGE[0]) * _KM_PER_DEG_LON
     py = (lat - _LAT_RANGE[0]) * _KM_PER_DEG_LAT
-    return _PoiCity(lat, lon, px, py, cat, hood_use[hood], names, venue_ids)
+    hoods = pd.DataFrame(
+        {
+            "neighbourhood": np.arange(n_hoods, dtype=np.int64),
+            "latitude": c_lat.astype(np.float64),
+            "longitude": c_lon.astype(np.float64),
+            "land_use": pd.array(hood_use.astype(object), dtype="string"),
+            "spread_km": sd_km.astype(np.float64),
+            "num_pois": counts.astype(np.int64),
+        }
+    )
+    return _PoiCity(lat, lon, px, py, cat, hood_use[hood], names, venue_ids, hoods)
 
 
 def _simulate_checkin_chunk(
@@ -625,6 +653,115 @@ def _simulate_checkin_chunk(
     return np.concatenate(out_u), np.concatenate(out_d), np.concatenate(out_s), np.concatenate(out_l)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Land-use tiles (for M3ob): a small top-down raster of the ground around each POI
+# --------------------------------------------------------------------------------------------------------------------
+
+_TILE_USES: tuple[str, ...] = (*LAND_USES, "empty")  # label order of the tile rasters
+_TILE_EMPTY = len(LAND_USES)
+_TILE_PALETTE = np.array([LAND_USE_COLOURS[u] for u in _TILE_USES], dtype=np.float64)
+_TILE_BASE = _TILE_PALETTE.astype(np.uint8)
+_TILE_DARK = np.round(_TILE_PALETTE * 0.55).astype(np.uint8)  # POI markers
+_TILE_STREET = np.round(_TILE_PALETTE + (255.0 - _TILE_PALETTE) * 0.6).astype(np.uint8)  # streets: lighter shade
+_TILE_OUTLINE = np.array([255, 255, 255], dtype=np.uint8)  # ring around the tile's own POI
+_TILE_EMPTY_Z = 3.0  # ground farther than 3 spreads from every neighbourhood centre is empty
+_STREET_SPACING_M = 250.0  # a grid of streets (paths in parks), fixed in city coordinates, not on empty ground
+_STREET_HALF_WIDTH_M = 8.0
+_STREET_MAX_PIXEL_M = _STREET_SPACING_M / 8  # coarser rasters show no streets
+_TILE_PIXEL_BUDGET = 1 << 21  # tile pixels (and tile x POI pairs) rendered at once
+_SAFE_FILE_NAME = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"  # location ids usable as file names
+
+
+def _land_use_labels(values, what: str) -> np.ndarray:
+    index = {u: i for i, u in enumerate(_TILE_USES)}
+    vals = [str(v) for v in values]
+    bad = sorted({v for v in vals if v not in index})
+    if bad:
+        raise ValueError(f"{what} has land use(s) {bad} without a colour; known: {list(_TILE_USES)}")
+    return np.array([index[v] for v in vals], dtype=np.int64)
+
+
+def _render_land_use_tiles(
+    x: np.ndarray,
+    y: np.ndarray,
+    poi_label: np.ndarray,
+    hoods: pd.DataFrame,
+    size: int,
+    radius_m: float,
+) -> np.ndarray:
+    """Tiles [num_pois, size, size, 3] (uint8) centred on POIs at ``x, y`` (km east / north of the city's corner)."""
+    num = len(x)
+    radius = radius_m / 1000.0
+    pixel = 2.0 * radius / size  # km
+    offsets = (np.arange(size) + 0.5) * pixel - radius  # pixel centres, west to east (rows: north to south)
+    used = hoods["num_pois"].to_numpy() > 0
+    hx = ((hoods["longitude"].to_numpy(dtype=np.float64) - _LON_RANGE[0]) * _KM_PER_DEG_LON)[used]
+    hy = ((hoods["latitude"].to_numpy(dtype=np.float64) - _LAT_RANGE[0]) * _KM_PER_DEG_LAT)[used]
+    hsd = hoods["spread_km"].to_numpy(dtype=np.float64)[used]
+    hlabel = _land_use_labels(hoods["land_use"].to_numpy()[used], "neighbourhoods")
+    # Log-weight of each neighbourhood's Gaussian in the POI mixture: the ground takes the land use of the
+    # neighbourhood that most likely produced a POI there.
+    hlog = np.log(hoods["num_pois"].to_numpy(dtype=np.float64)[used]) - 2.0 * np.log(hsd)
+    streets = pixel * 1000.0 <= _STREET_MAX_PIXEL_M
+    half_width = max(_STREET_HALF_WIDTH_M, pixel * 500.0) / 1000.0
+    spacing = _STREET_SPACING_M / 1000.0
+
+    marker = max(2, size // 16)  # side of the small POI markers (2 px at the default size)
+    centre = max(2, size // 8)  # side of the tile's own POI marker, inside a ring of width `ring`
+    ring = max(1, size // 32)
+    c0 = (size - centre) // 2
+    mk = np.arange(marker) - (marker - 1) // 2
+
+    tiles = np.empty((num, size, size, 3), dtype=np.uint8)
+    chunk = max(1, min(_TILE_PIXEL_BUDGET // (size * size), _TILE_PIXEL_BUDGET // max(num, 1)))
+    for start in range(0, num, chunk):
+        sl = slice(start, min(start + chunk, num))
+        n = sl.stop - sl.start
+        gx = x[sl, None, None] + offsets[None, None, :]  # (n, 1, size)
+        gy = y[sl, None, None] - offsets[None, :, None]  # (n, size, 1): row 0 is north
+        best = np.full((n, size, size), -np.inf)
+        nearest_z2 = np.full((n, size, size), np.inf)
+        label = np.full((n, size, size), _TILE_EMPTY, dtype=np.int64)
+        for k in range(len(hx)):
+            z2 = ((gx - hx[k]) ** 2 + (gy - hy[k]) ** 2) / hsd[k] ** 2
+            score = hlog[k] - 0.5 * z2
+            win = score > best
+            best = np.where(win, score, best)
+            label = np.where(win, hlabel[k], label)
+            nearest_z2 = np.minimum(nearest_z2, z2)
+        label = np.where(nearest_z2 > _TILE_EMPTY_Z**2, _TILE_EMPTY, label)
+        out = _TILE_BASE[label]
+        if streets:
+            def on_street(v: np.ndarray) -> np.ndarray:
+                return np.abs(np.mod(v + spacing / 2, spacing) - spacing / 2) < half_width
+
+            street = (on_street(gx) | on_street(gy)) & (label != _TILE_EMPTY)
+            out = np.where(street[..., None], _TILE_STREET[label], out)
+
+        # Markers of the other POIs inside the tile; where markers overlap, the later POI is drawn on top.
+        dx = x[None, :] - x[sl, None]
+        dy = y[None, :] - y[sl, None]
+        inside = (np.abs(dx) < radius) & (np.abs(dy) < radius)
+        inside[np.arange(n), np.arange(sl.start, sl.stop)] = False
+        t, j = np.nonzero(inside)
+        if len(t):
+            col = np.clip(np.floor((dx[t, j] + radius) / pixel).astype(np.int64), 0, size - 1)
+            row = np.clip(np.floor((radius - dy[t, j]) / pixel).astype(np.int64), 0, size - 1)
+            rr = np.clip(row[:, None, None] + mk[None, :, None], 0, size - 1)
+            cc = np.clip(col[:, None, None] + mk[None, None, :], 0, size - 1)
+            flat = ((t[:, None, None] * size + rr) * size + cc).ravel()
+            who = np.broadcast_to(j[:, None, None], rr.shape[:1] + (marker, marker)).ravel()
+            order = np.lexsort((who, flat))
+            flat, who = flat[order], who[order]
+            top = np.r_[flat[1:] != flat[:-1], True]
+            out.reshape(-1, 3)[flat[top]] = _TILE_DARK[poi_label[who[top]]]
+        # The tile's own POI, at the centre.
+        out[:, c0 - ring:c0 + centre + ring, c0 - ring:c0 + centre + ring] = _TILE_OUTLINE
+        out[:, c0:c0 + centre, c0:c0 + centre] = _TILE_DARK[poi_label[sl]][:, None, None, :]
+        tiles[sl] = out
+    return tiles
+
+
 @dataclass
 class SyntheticCheckins:
     """A synthetic check-in city: the check-ins and the POI table.
@@ -636,10 +773,92 @@ class SyntheticCheckins:
             seconds).
         pois (`pd.DataFrame`): one row per POI with ``location_id``, ``name`` (empty for about 5%), ``category``,
             ``category_id``, ``latitude``, ``longitude`` (rounded to 6 decimals) and ``land_use``.
+        neighbourhoods (`pd.DataFrame`, *optional*): the city layout, one row per neighbourhood, with
+            ``neighbourhood`` (int64, 0..), ``latitude``, ``longitude`` (its centre), ``land_use``, ``spread_km`` (the
+            standard deviation, per axis, of its POIs around the centre) and ``num_pois`` (int64). Needed by
+            :meth:`land_use_tiles`; ``None`` for a city made by hand without one.
     """
 
     checkins: pd.DataFrame
     pois: pd.DataFrame
+    neighbourhoods: pd.DataFrame | None = None
+
+    def land_use_tiles(self, size: int = 32, radius_m: float = 400.0) -> np.ndarray:
+        """Render a small land-use raster tile around every POI (the images of M3ob, DESIGN §3.3).
+
+        Each tile is a top-down RGB map, north up, of the square within ``radius_m`` metres (east-west and
+        north-south) of its POI, in the order of :attr:`pois`. The ground takes the colour of its land use
+        (:data:`LAND_USE_COLOURS`): that of the neighbourhood whose Gaussian cluster of POIs most likely produced a
+        POI there, or ``"empty"`` beige farther than 3 spreads from every neighbourhood centre. A grid of streets
+        every 250 m (paths in parks), fixed in city coordinates, is drawn in a lighter shade of the land use (not on
+        empty ground, and only when a pixel is at most 31.25 m). Every other POI inside the tile is a small block
+        (2 x 2 pixels at the default size, ``max(2, size // 16)`` in general) in a darker shade of its own land use,
+        later POIs on top; the tile's own POI is a larger block (``max(2, size // 8)``) in that darker shade inside a
+        white ring at the centre. Rendering is vectorised and deterministic: the same city gives the same bytes.
+
+        Args:
+            size (`int`, *optional*, defaults to 32): pixels per side, 8 to 256.
+            radius_m (`float`, *optional*, defaults to 400.0): half the side of the square shown, in metres (> 0);
+                a pixel is ``2 * radius_m / size`` metres.
+
+        Returns:
+            `np.ndarray`: uint8 array of shape ``[num_pois, size, size, 3]`` (RGB), row 0 the northern edge.
+        """
+        size = _check_int("size", size, 8, 256)
+        if isinstance(radius_m, bool) or not isinstance(radius_m, (int, float, np.integer, np.floating)):
+            raise ValueError(f"radius_m must be a number > 0 (metres), got {radius_m!r} ({type(radius_m).__name__})")
+        radius_m = float(radius_m)
+        if not np.isfinite(radius_m) or radius_m <= 0:
+            raise ValueError(f"radius_m must be a finite number > 0 (metres), got {radius_m}")
+        if self.neighbourhoods is None:
+            raise ValueError(
+                "land_use_tiles needs the city layout (neighbourhoods), which this SyntheticCheckins lacks; "
+                "make the city with synthesize_checkins"
+            )
+        lat = self.pois["latitude"].to_numpy(dtype=np.float64)
+        lon = self.pois["longitude"].to_numpy(dtype=np.float64)
+        x = (lon - _LON_RANGE[0]) * _KM_PER_DEG_LON
+        y = (lat - _LAT_RANGE[0]) * _KM_PER_DEG_LAT
+        labels = _land_use_labels(self.pois["land_use"].to_numpy(), "pois")
+        t0 = time.perf_counter()
+        tiles = _render_land_use_tiles(x, y, labels, self.neighbourhoods, size, radius_m)
+        logger.debug("rendered %d land-use tiles of %dx%d in %.2fs", len(tiles), size, size, time.perf_counter() - t0)
+        return tiles
+
+    def write_land_use_tiles(
+        self, out_dir: str | os.PathLike, size: int = 32, radius_m: float = 400.0
+    ) -> Path:
+        """Write the tiles of :meth:`land_use_tiles` as PNG files ``<location_id>.png`` in ``out_dir/tiles/``.
+
+        Each file is written atomically (a temporary name, then a rename); files already in the folder that belong
+        to no POI of this city are left alone.
+
+        Args:
+            out_dir (`str` or `os.PathLike`): the parent folder (``tiles/`` is created in it when missing).
+            size (`int`, *optional*, defaults to 32): pixels per side, 8 to 256.
+            radius_m (`float`, *optional*, defaults to 400.0): half the side of the square shown, in metres (> 0).
+
+        Returns:
+            `Path`: the ``tiles`` folder.
+        """
+        from PIL import Image  # a dependency of matplotlib
+
+        ids = self.pois["location_id"].astype(str)
+        bad = ids[~ids.str.fullmatch(_SAFE_FILE_NAME)]
+        if len(bad):
+            raise ValueError(f"location_id values {bad.head(3).tolist()} cannot be file names (letters, digits, ._-)")
+        dup = ids[ids.duplicated()]
+        if len(dup):
+            raise ValueError(f"location_id values must be unique, got duplicates {dup.head(3).tolist()}")
+        tiles = self.land_use_tiles(size=size, radius_m=radius_m)
+        folder = Path(out_dir) / "tiles"
+        folder.mkdir(parents=True, exist_ok=True)
+        for location_id, tile in zip(ids, tiles):
+            buf = io.BytesIO()
+            Image.fromarray(tile).save(buf, format="PNG")
+            _atomic_write_bytes(folder / f"{location_id}.png", buf.getvalue())
+        logger.info("wrote %d land-use tiles of %dx%d to %s", len(tiles), tiles.shape[1], tiles.shape[2], folder)
+        return folder
 
     def write_tsmc(self, out_dir: str | os.PathLike) -> dict[str, Path]:
         """Write the city as raw files, atomically: ``checkins.txt`` (TSMC2014 format) and ``pois.csv``.
@@ -815,7 +1034,7 @@ def synthesize_checkins(
         "synthesised %d check-ins of %d users at %d POIs over %d days in %.2fs",
         len(checkins), num_users, num_locations, num_days, time.perf_counter() - t0,
     )
-    return SyntheticCheckins(checkins=checkins, pois=pois)
+    return SyntheticCheckins(checkins=checkins, pois=pois, neighbourhoods=city.neighbourhoods)
 
 
 # --------------------------------------------------------------------------------------------------------------------

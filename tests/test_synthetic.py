@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gzip
 
+import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
 
 from dataset_builders.synthetic import (
     CATEGORY_HIERARCHY,
+    LAND_USE_COLOURS,
     LAND_USES,
     SyntheticCheckins,
     synthesize_checkins,
@@ -215,6 +217,136 @@ def test_small_city_edge_cases():
     shifted = synthesize_checkins(num_users=5, num_locations=60, num_days=3, start_date="2013-01-05")
     local = pd.to_datetime(shifted.checkins["timestamp"] - 240 * 60, unit="s")
     assert local.min() >= pd.Timestamp("2013-01-05") and local.max() < pd.Timestamp("2013-01-08")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Land-use tiles (M3ob)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiles(city) -> np.ndarray:
+    return city.land_use_tiles()
+
+
+def _colour_counts(tiles: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Names of LAND_USE_COLOURS and, per tile, how many pixels have exactly each colour [num_tiles, colours]."""
+    names = list(LAND_USE_COLOURS)
+    palette = np.array([LAND_USE_COLOURS[u] for u in names], dtype=np.uint8)
+    return names, (tiles[:, :, :, None, :] == palette).all(axis=-1).sum(axis=(1, 2))
+
+
+def test_neighbourhoods_table(city):
+    h = city.neighbourhoods
+    assert list(h.columns) == ["neighbourhood", "latitude", "longitude", "land_use", "spread_km", "num_pois"]
+    assert 8 <= len(h) <= 12 and (h["neighbourhood"].to_numpy() == np.arange(len(h))).all()
+    assert set(h["land_use"]) == set(LAND_USES)
+    assert h["num_pois"].sum() == len(city.pois)
+    assert h["spread_km"].between(0.5, 1.2).all()
+    # The POIs of each land use are the POIs of the neighbourhoods of that land use.
+    per_use = h.groupby("land_use")["num_pois"].sum()
+    assert per_use.to_dict() == city.pois["land_use"].value_counts().to_dict()
+
+
+def test_land_use_tiles_shape_and_markers(city, tiles):
+    assert tiles.shape == (len(city.pois), 32, 32, 3) and tiles.dtype == np.uint8
+    small = city.land_use_tiles(size=8, radius_m=150.0)
+    assert small.shape == (len(city.pois), 8, 8, 3) and small.dtype == np.uint8
+    # The own POI sits at the centre in a darker shade of its land use's colour, inside a white ring.
+    lu = city.pois["land_use"].to_numpy().astype(str)
+    centre = tiles[:, 15, 15].astype(np.int64)
+    colour = np.array([LAND_USE_COLOURS[u] for u in lu], dtype=np.int64)
+    assert (centre < colour).all(axis=1).all()
+    np.testing.assert_allclose(centre, np.round(colour * 0.55), atol=1)
+    assert (tiles[:, 13, 13] == 255).all() and (tiles[:, 18, 18] == 255).all()
+    # Tiles differ by their POI's neighbourhood and by the other POIs around it.
+    assert len(np.unique(tiles.reshape(len(tiles), -1), axis=0)) == len(tiles)
+
+
+def test_land_use_tiles_deterministic(city, tiles):
+    np.testing.assert_array_equal(city.land_use_tiles(), tiles)
+    kw = {**SMALL, "seed": 5}
+    a = synthesize_checkins(**kw).land_use_tiles(size=16)
+    b = synthesize_checkins(**kw).land_use_tiles(size=16)
+    assert a.tobytes() == b.tobytes()
+    # The tiles depend on the city only, not on its people.
+    c = synthesize_checkins(**{**kw, "seed": 6, "city_seed": 5}).land_use_tiles(size=16)
+    assert a.tobytes() == c.tobytes()
+    assert not np.array_equal(a, synthesize_checkins(**{**kw, "city_seed": 6}).land_use_tiles(size=16))
+
+
+def test_land_use_dominates_tile_colour(city, tiles):
+    names, counts = _colour_counts(tiles)
+    dominant = np.array(names)[counts.argmax(axis=1)]
+    lu = city.pois["land_use"].to_numpy().astype(str)
+    assert (dominant == lu).mean() >= 0.8, pd.crosstab(lu, dominant)
+    # The dominant colour covers most of the tile.
+    assert np.median(counts.max(axis=1)) / 32**2 > 0.6
+    # A park POI's tile is mostly park green, a residential POI's mostly residential yellow.
+    green, yellow = names.index("parks"), names.index("residential")
+    parks, homes = lu == "parks", lu == "residential"
+    assert np.median(counts[parks, green]) > 0.6 * 32**2 and np.median(counts[parks, yellow]) < 0.05 * 32**2
+    assert np.median(counts[homes, yellow]) > 0.6 * 32**2 and np.median(counts[homes, green]) < 0.05 * 32**2
+
+
+def test_land_use_tiles_far_apart_differ(city, tiles):
+    p = city.pois
+    lat, lon = p["latitude"].to_numpy(), p["longitude"].to_numpy()
+    km = np.hypot((lat[:, None] - lat[None, :]) * 110.574, (lon[:, None] - lon[None, :]) * 84.3)
+    i, j = np.unravel_index(np.argmax(km), km.shape)
+    assert km[i, j] > 10
+    assert (tiles[i] != tiles[j]).any(axis=-1).mean() > 0.5
+    # A larger radius shows more of the city: more land uses per tile on average.
+    wide = city.land_use_tiles(size=32, radius_m=3000.0)
+    n_uses = (_colour_counts(wide)[1] > 0).sum(axis=1).mean()
+    assert n_uses > (_colour_counts(tiles)[1] > 0).sum(axis=1).mean()
+
+
+def test_write_land_use_tiles(tmp_path):
+    small = synthesize_checkins(**{**SMALL, "num_locations": 40})
+    folder = small.write_land_use_tiles(tmp_path / "out", size=16)
+    assert folder == tmp_path / "out" / "tiles"
+    files = sorted(folder.iterdir())
+    assert [f.name for f in files] == sorted(f"{i}.png" for i in small.pois["location_id"])
+    expected = small.land_use_tiles(size=16)
+    for k, location_id in enumerate(small.pois["location_id"]):
+        image = mpimg.imread(folder / f"{location_id}.png")  # float32 in [0, 1]
+        assert image.shape == (16, 16, 3)
+        np.testing.assert_array_equal(np.round(image * 255).astype(np.uint8), expected[k])
+    first = {f.name: f.read_bytes() for f in files}
+    small.write_land_use_tiles(tmp_path / "out", size=16)
+    assert {f.name: f.read_bytes() for f in sorted(folder.iterdir())} == first  # same city, same bytes
+    assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"size": 7}, "size"),
+        ({"size": 257}, "size"),
+        ({"size": 16.0}, "size"),
+        ({"radius_m": 0}, "radius_m"),
+        ({"radius_m": -5.0}, "radius_m"),
+        ({"radius_m": float("nan")}, "radius_m"),
+        ({"radius_m": "400"}, "radius_m"),
+    ],
+)
+def test_land_use_tiles_bad_arguments(kwargs, match, tmp_path):
+    small = synthesize_checkins(num_users=2, num_locations=20, num_days=2)
+    with pytest.raises(ValueError, match=match):
+        small.land_use_tiles(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        small.write_land_use_tiles(tmp_path, **kwargs)
+    assert not (tmp_path / "tiles").exists()
+
+
+def test_land_use_tiles_need_the_layout():
+    small = synthesize_checkins(num_users=2, num_locations=20, num_days=2)
+    with pytest.raises(ValueError, match="neighbourhoods"):
+        SyntheticCheckins(checkins=small.checkins, pois=small.pois).land_use_tiles()
+    odd = small.pois.assign(land_use="airport")
+    with pytest.raises(ValueError, match="airport"):
+        SyntheticCheckins(small.checkins, odd, small.neighbourhoods).land_use_tiles()
 
 
 # ------------------------------------------------------------------------------------------------------------------
