@@ -66,10 +66,13 @@ def test_grid_city_through_the_cli(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_writes_report_and_plots(tmp_path):
+def test_demo_writes_report_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_MOBILITY_HOME", str(tmp_path / "home"))
     assert main(["-q", "demo", "--out", str(tmp_path / "demo"), "--users", "40"]) == 0
     report = (tmp_path / "demo" / "report.md").read_text()
-    for name in ("city_map.png", "category_hours.png", "baselines.png", "grid_density.png"):
+    for name in ("city_map.png", "category_hours.png", "baselines.png", "grid_density.png",
+                 "location_tokenizer/codebook_usage.png", "location_tokenizer/first_code_map.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 10_000
         assert f"({name})" in report
     assert "| markov |" in report and "| slot-mode |" in report and "Row account" in report
+    assert "| collision rate, final | 0.00% |" in report

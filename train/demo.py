@@ -1,7 +1,8 @@
 """The demo behind ``make demo`` / ``mobility demo``: the embedded synthetic cities through the public pipeline.
 
 Synthesise a check-in city and a grid city as raw files, read them with the same readers real data uses, prepare them,
-evaluate every baseline, and write ``report.md`` with the metric tables, the row accounts and PNG plots.
+evaluate every baseline, train the QT-Mob location tokenizer, and write ``report.md`` with the metric tables, the row
+accounts and PNG plots.
 """
 
 from __future__ import annotations
@@ -132,6 +133,11 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, seed: int = 0, num_use
     checkin_report = evaluate_baselines(data_dir, "all", split="test")
     write_json_atomic(checkin_report, out / "metrics_checkins.json")
 
+    logger.info("training the QT-Mob location tokenizer")
+    from .location_tokenizer import build_location_tokenizer
+
+    loctok = build_location_tokenizer(data_dir, out / "location_tokenizer", seed=seed, progress=False).report
+
     logger.info("synthesising the grid city")
     grid = synthesize_grid(seed=seed, **users)
     grid_path = write_yjmob(grid, out / "raw" / "grid" / "grid.csv")
@@ -169,6 +175,25 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, seed: int = 0, num_use
         "",
         prepared.account.to_markdown(),
         "",
+        "## QT-Mob location tokenizer",
+        "",
+        f"{loctok['num_locations']:,} locations described, encoded with all-MiniLM-L6-v2 and quantised by an RQ-VAE "
+        f"into {loctok['num_quantizers']} levels x {loctok['codebook_size']} codes (best epoch {loctok['best_epoch']}).",
+        "",
+        "| measure | value |",
+        "|---|---:|",
+        f"| collision rate, nearest codes | {loctok['codes']['collision_rate_before']:.2%} |",
+        f"| collision rate after Sinkhorn | {loctok['codes']['collision_rate_after_sinkhorn']:.2%} |",
+        f"| collision rate, final | {loctok['codes']['collision_rate_final']:.2%} |",
+        "| codebook usage per level | " + ", ".join(f"{u:.0%}" for u in loctok["codes"]["final_usage"]) + " |",
+        "| perplexity per level | " + ", ".join(f"{p:.1f}" for p in loctok["codes"]["final_perplexity"]) + " |",
+        f"| same-category pairs sharing the first code | {loctok['same_category_first_code_rate']:.1%} "
+        f"(random codes: {loctok['same_category_first_code_rate_random']:.1%}) |",
+        "",
+        "![codebook usage](location_tokenizer/codebook_usage.png)",
+        "",
+        "![first-level codes](location_tokenizer/first_code_map.png)",
+        "",
         "## Grid city: 15-day trajectory prediction (test users)",
         "",
         format_results_table(grid_report),
@@ -183,6 +208,9 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, seed: int = 0, num_use
         "",
         f"- raw data: `{out / 'raw'}`; prepared datasets: `{data_dir}`, `{gdata_dir}` "
         "(`datasets.load_dataset(path, 'samples')`)",
+        f"- location tokenizer: `{out / 'location_tokenizer' / 'tokenizer'}` "
+        "(`AutoTokenizer.from_pretrained(path, trust_remote_code=True)`), RQ-VAE: "
+        f"`{out / 'location_tokenizer' / 'rqvae'}`",
         "- metrics: `metrics_checkins.json`, `metrics_grid.json`",
         "",
     ]
