@@ -26,3 +26,46 @@ def _private_hf_cache(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+OUR_PACKAGES = ("modeling_mobility", "tokenization_mobility", "dataset_builders", "train")
+_BLOCK_OUR_PACKAGES = """
+import importlib.abc, sys
+
+class _BlockOurPackages(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {packages!r}:
+            raise ImportError("blocked: " + name)
+        return None
+
+sys.meta_path.insert(0, _BlockOurPackages())
+try:
+    import modeling_mobility  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("hf-mobility packages are still importable")
+"""
+
+
+@pytest.fixture
+def run_without_our_packages(tmp_path):
+    """Run a Python script the way a Hub user meets our artefacts: a fresh interpreter, started from another folder,
+    offline, with a private HF_HOME, and none of our packages importable (the editable install is blocked), so only
+    the files saved beside the weights/tokenizer can be used (`trust_remote_code=True`). Returns the completed
+    process; the script gets ``sys.argv[1:] = args``."""
+    import subprocess
+    import sys
+    import textwrap
+
+    def run(script: str, *args: str, timeout: int = 300):
+        work = tmp_path / "elsewhere"
+        work.mkdir(exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+        env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "fresh_hf_home"), TRANSFORMERS_VERBOSITY="error",
+                   PYTHONNOUSERSITE="1")
+        code = _BLOCK_OUR_PACKAGES.format(packages=set(OUR_PACKAGES)) + textwrap.dedent(script)
+        return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
 from collections import Counter
 
@@ -347,20 +345,6 @@ _FRESH_PROCESS = textwrap.dedent(
     """
     import json, sys
 
-    class BlockOurPackages:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"modeling_mobility", "train", "dataset_builders", "tokenization_mobility"}:
-                raise ImportError("blocked " + name)
-            return None
-
-    sys.meta_path.insert(0, BlockOurPackages())
-    try:
-        import modeling_mobility  # noqa
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("modeling_mobility is importable")
-
     import torch
     from transformers import AutoModel
 
@@ -376,23 +360,12 @@ _FRESH_PROCESS = textwrap.dedent(
 )
 
 
-def test_trust_remote_code_load_in_fresh_process(tmp_path):
+def test_trust_remote_code_load_in_fresh_process(tmp_path, run_without_our_packages):
     model, x = _trained_tiny_model()
     model_dir = tmp_path / "saved model"
     model.save_pretrained(model_dir)
     torch.save(x, tmp_path / "x.pt")
-    work = tmp_path / "elsewhere"
-    work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONNOUSERSITE="1")
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", _FRESH_PROCESS, str(model_dir), str(tmp_path / "x.pt")],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_without_our_packages(_FRESH_PROCESS, model_dir, tmp_path / "x.pt")
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads(result.stdout.strip().splitlines()[-1])
     assert payload["module"].startswith("transformers_modules")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -244,15 +242,8 @@ def test_save_and_from_pretrained(tok, table, tmp_path):
 
 _REMOTE_SCRIPT = textwrap.dedent(
     """
-    import importlib.abc, json, sys
+    import json, sys
 
-    class _Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"tokenization_mobility", "modeling_mobility", "dataset_builders", "train"}:
-                raise ImportError(f"blocked: {name}")
-            return None
-
-    sys.meta_path.insert(0, _Block())
     from transformers import AutoTokenizer
 
     texts = json.loads(sys.argv[1])
@@ -280,7 +271,7 @@ _REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_auto_tokenizer_trust_remote_code_fresh_process(tok, table, tmp_path):
+def test_auto_tokenizer_trust_remote_code_fresh_process(tok, table, tmp_path, run_without_our_packages):
     """Load the saved folder the way a Hub user would: fresh process, other folder, our packages not importable."""
     from transformers import LlamaConfig
 
@@ -291,22 +282,11 @@ def test_auto_tokenizer_trust_remote_code_fresh_process(tok, table, tmp_path):
     LlamaConfig(
         vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
     ).save_pretrained(with_model)
-    work = tmp_path / "elsewhere"
-    work.mkdir()
     texts = [
         f"At 9, user 3 visited {tok.location_to_text('poi-001')}. At 10 user 3 will visit {tok.location_to_text('poi-002')}",
         "the cafe <a_1><b_2>",
     ]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run(
-        [sys.executable, "-c", _REMOTE_SCRIPT, json.dumps(texts), str(alone), str(with_model)],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_without_our_packages(_REMOTE_SCRIPT, json.dumps(texts), alone, with_model)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
     result = json.loads(line[len("RESULT") :])
@@ -321,4 +301,4 @@ def test_auto_tokenizer_trust_remote_code_fresh_process(tok, table, tmp_path):
         assert got["num_levels"] == NUM_LEVELS and got["codebook_size"] == CODEBOOK
         assert got["code_token_ids"] == tok.code_token_ids
         assert got["padding_side"] == tok.padding_side
-    assert (tmp_path / "hf_home" / "modules" / "transformers_modules").is_dir()
+    assert (tmp_path / "fresh_hf_home" / "modules" / "transformers_modules").is_dir()
