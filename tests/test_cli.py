@@ -109,6 +109,7 @@ def test_every_command_has_help():
         [],
         ["train"],
         ["train", "location-tokenizer"],
+        ["data", "instructions"],
     ]
     for cmd in commands:
         with pytest.raises(SystemExit) as exc:

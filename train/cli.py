@@ -143,6 +143,34 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--learning-rate", type=float, default=1e-3, help="RQ-VAE learning rate (default 1e-3)")
     lt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
+    sft = train_sub.add_parser(
+        "sft",
+        help="instruction-tune a causal LM on an instruction dataset (SFTTrainer, LoRA or full), from a YAML recipe",
+        description="All options are the recipe's fields: --config RECIPE.yaml [--key value ...]; see "
+        "`mobility train sft --help` for the list.",
+        add_help=False,
+    )
+    sft.set_defaults(recipe_args=[])
+
+    ins = data_sub.add_parser(
+        "instructions",
+        help="QT-Mob instruction sets (next, recovery, alignment, translation) from a prepared dataset",
+        description="Build TRL prompt-completion pairs (or chat messages with --format chat) for the QT-Mob tasks "
+        "from a prepared check-in dataset and a location tokenizer, and publish them with one config per task "
+        "(`datasets.load_dataset(OUT, 'next')`). Prints the row account.",
+    )
+    ins.add_argument("--data", required=True, type=Path, help="a check-in dataset from `mobility data prepare`")
+    ins.add_argument("--tokenizer", required=True, type=Path,
+                     help="the location tokenizer (a `mobility train location-tokenizer` output or its tokenizer/)")
+    ins.add_argument("--tasks", default="next,recovery,alignment",
+                     help="comma-separated tasks: next, recovery, alignment, translation (default "
+                     "next,recovery,alignment)")
+    ins.add_argument("--out", required=True, type=Path, help="output dataset folder")
+    ins.add_argument("--format", dest="fmt", choices=["prompt_completion", "chat"], default="prompt_completion",
+                     help="TRL prompt-completion strings (default) or conversational messages")
+    ins.add_argument("--max-history", type=int, default=20, help="most recent visits shown per sample (default 20)")
+    ins.add_argument("--seed", type=int, default=0, help="seed of templates and recovery masks (default 0)")
+
     ev = sub.add_parser(
         "evaluate",
         help="evaluate baselines on a prepared dataset",
@@ -150,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
         "applies: Acc@1/5/10/20, MRR, NDCG@5/10 for check-ins (and on unseen targets when the split has them); "
         "GEO-BLEU (N=5 and N=3) and DTW for grids. Prints a table and writes JSON.",
     )
+    ev.add_argument("run_dir", nargs="?", type=Path, default=None,
+                    help="a run folder from `mobility train sft` to score beside the baselines (leave out to score "
+                    "only baselines)")
+    ev.add_argument("--num-beams", type=int, default=20,
+                    help="with RUN_DIR: beams of the constrained beam search, the largest k of Acc@k (default 20)")
+    ev.add_argument("--batch-size", type=int, default=32, help="with RUN_DIR: prompts per generate call (default 32)")
+    ev.add_argument("--max-samples", type=int, default=None, help="with RUN_DIR: score only the first N samples")
+    ev.add_argument("--instructions", type=Path, default=None,
+                    help="with RUN_DIR: instruction dataset with the prompts (default: the one the run trained on)")
     ev.add_argument("--baseline", default="all",
                     help="popularity, most-frequent, history-frequency, markov (check-ins), slot-mode (grids), or "
                     "all (default)")
@@ -268,9 +305,41 @@ def _train_location_tokenizer(args) -> None:
     print(f"load with: AutoTokenizer.from_pretrained('{result.output_dir / 'tokenizer'}', trust_remote_code=True)")
 
 
-def _evaluate(args) -> None:
-    from .evaluate import evaluate_baselines, format_results_table, write_json_atomic
+def _instructions(args) -> None:
+    from dataset_builders.instructions.qtmob import run_instructions_cli
 
+    t0 = time.time()
+    tok_dir = args.tokenizer / "tokenizer" if (args.tokenizer / "tokenizer").is_dir() else args.tokenizer
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    result = run_instructions_cli(args.data, tok_dir, tasks, args.out, fmt=args.fmt, max_history=args.max_history,
+                                  seed=args.seed)
+    print("Row account:\n")
+    print(result.account.to_markdown())
+    sizes = "; ".join(f"{task}: " + ", ".join(f"{split} {len(ds):,}" for split, ds in dd.items())
+                      for task, dd in result.datasets.items())
+    print(f"\nwrote {args.out} ({sizes}) in {time.time() - t0:.1f}s")
+    print(f"load it with: datasets.load_dataset('{args.out}', '{tasks[0]}')")
+
+
+def _train_sft(args) -> None:
+    from .sft import main as sft_main
+
+    run = sft_main(args.recipe_args)
+    print(f"next: mobility evaluate {run} --data DATA_DIR")
+
+
+def _evaluate(args) -> None:
+    from .evaluate import evaluate_baselines, evaluate_run, format_results_table, write_json_atomic
+
+    if args.run_dir is not None:
+        report = evaluate_run(args.run_dir, args.data, split=args.split, num_beams=args.num_beams,
+                              batch_size=args.batch_size, instructions=args.instructions, max_samples=args.max_samples)
+        print(f"{args.run_dir} beside the baselines on {args.data} ({args.split} split, {args.num_beams} beams):\n")
+        print(format_results_table(report))
+        if args.out is not None:
+            write_json_atomic(report, args.out)
+        print(f"\nwrote {args.out or args.run_dir / 'metrics.json'}")
+        return
     report = evaluate_baselines(args.data, args.baseline, split=args.split)
     print(f"{report['kind']} baselines on {args.data} ({args.split} split):\n")
     print(format_results_table(report))
@@ -289,19 +358,27 @@ def _demo(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe_args: list[str] = []
+    for i in range(len(argv) - 1):  # everything after `train sft` belongs to the recipe parser of train/sft.py
+        if argv[i] == "train" and argv[i + 1] == "sft":
+            argv, recipe_args = argv[: i + 2], argv[i + 2 :]
+            break
     args = parser.parse_args(argv)
+    if getattr(args, "train_command", None) == "sft":
+        args.recipe_args = recipe_args
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     from dataset_builders.schema import DataValidationError
 
-    handlers = {"synth": _synth, "prepare": _prepare}
+    handlers = {"synth": _synth, "prepare": _prepare, "instructions": _instructions}
     try:
         if args.command == "data":
             handlers[args.data_command](args)
         elif args.command == "train":
-            {"location-tokenizer": _train_location_tokenizer}[args.train_command](args)
+            {"location-tokenizer": _train_location_tokenizer, "sft": _train_sft}[args.train_command](args)
         elif args.command == "evaluate":
             _evaluate(args)
         elif args.command == "demo":

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from dataset_builders.publish import PreparedDataset, load_prepared
 
@@ -50,8 +51,12 @@ def grid_targets(data: PreparedDataset, split: str):
     return explode_grid_samples(data.table("samples", split), "target")
 
 
-def _checkin_results(data: PreparedDataset, names: list[str], split: str) -> dict[str, dict[str, Any]]:
+def _checkin_results(
+    data: PreparedDataset, names: list[str], split: str, sample_ids=None
+) -> dict[str, dict[str, Any]]:
     samples = data.table("samples", split)
+    if sample_ids is not None:
+        samples = _select_samples(samples, sample_ids, data.path, split)
     if samples.num_rows == 0:
         raise ValueError(f"{data.path}: split {split!r} has no samples")
     train = data.table("checkins", "train").to_pandas()
@@ -69,7 +74,19 @@ def _checkin_results(data: PreparedDataset, names: list[str], split: str) -> dic
     return results
 
 
-def _grid_results(data: PreparedDataset, names: list[str], split: str) -> dict[str, dict[str, Any]]:
+def _select_samples(samples, sample_ids, path, split):
+    """The rows of ``samples`` with the given ``sample_id``s, in that order (an unknown id is an error)."""
+    import pyarrow as pa
+
+    index = pd.Index(samples.column("sample_id").to_numpy())
+    pos = index.get_indexer(np.asarray(sample_ids))
+    if (pos < 0).any():
+        missing = np.asarray(sample_ids)[pos < 0][:5].tolist()
+        raise ValueError(f"{path}: sample ids {missing} are not in the {split!r} split")
+    return samples.take(pa.array(pos))
+
+
+def _grid_results(data: PreparedDataset, names: list[str], split: str, sample_ids=None) -> dict[str, dict[str, Any]]:
     samples = data.table("samples", split)
     if samples.num_rows == 0:
         raise ValueError(f"{data.path}: split {split!r} has no users")
@@ -87,10 +104,13 @@ def _grid_results(data: PreparedDataset, names: list[str], split: str) -> dict[s
     return results
 
 
-def evaluate_baselines(data: str | os.PathLike | PreparedDataset, baselines="all", split: str = "test") -> dict:
+def evaluate_baselines(
+    data: str | os.PathLike | PreparedDataset, baselines="all", split: str = "test", sample_ids=None
+) -> dict:
     """Evaluate baselines on a prepared dataset; returns ``{"data", "split", "kind", "results": {name: metrics}}``.
 
-    ``baselines`` is a name, a list of names, or ``"all"`` (every baseline that applies to the data kind).
+    ``baselines`` is a name, a list of names, or ``"all"`` (every baseline that applies to the data kind);
+    ``sample_ids`` restricts check-in evaluation to those samples (the ones a model was scored on).
     """
     data = data if isinstance(data, PreparedDataset) else load_prepared(data)
     allowed = CHECKIN_BASELINES if data.kind == "checkins" else GRID_BASELINES
@@ -104,8 +124,10 @@ def evaluate_baselines(data: str | os.PathLike | PreparedDataset, baselines="all
         raise ValueError("the hidden split has no reference cells (its targets are 999): there is nothing to score")
     if split not in data.splits("samples"):
         raise ValueError(f"{data.path}: no split {split!r}; available: {data.splits('samples')}")
+    if sample_ids is not None and data.kind != "checkins":
+        raise ValueError("sample_ids applies to check-in data only")
     fn = _checkin_results if data.kind == "checkins" else _grid_results
-    return {"data": str(data.path), "split": split, "kind": data.kind, "results": fn(data, names, split)}
+    return {"data": str(data.path), "split": split, "kind": data.kind, "results": fn(data, names, split, sample_ids)}
 
 
 def format_results_table(report: dict) -> str:
@@ -145,3 +167,70 @@ def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    split: str = "test",
+    num_beams: int = 20,
+    batch_size: int = 32,
+    instructions: str | os.PathLike | None = None,
+    max_samples: int | None = None,
+    processor: str = "vectorised",
+) -> dict:
+    """Score a fine-tuned QT-Mob run on the next-location samples of ``split``, with the baselines beside it.
+
+    The prompts come from the run's instruction dataset (config ``next``; one row per prepared sample, template 0),
+    the ranking from deterministic beam search constrained to valid location codes
+    (:func:`tokenization_mobility.rank_locations`); Acc@k / MRR / NDCG@k are computed over the returned ranking
+    (a target outside the ``num_beams`` returned locations counts as a miss). The baselines are scored on exactly the
+    same samples. Returns the report (also the content of ``metrics.json``).
+    """
+    import json
+
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokenization_mobility import rank_locations
+
+    from .metrics import ranks_from_topk
+
+    run = Path(run_dir)
+    info_file = run / "run_info.json"
+    if not info_file.exists():
+        raise FileNotFoundError(f"{run} is not a training run (no run_info.json); train one with `mobility train sft`")
+    info = json.loads(info_file.read_text(encoding="utf-8"))
+    instructions = instructions or info.get("instructions")
+    if not instructions:
+        raise ValueError(f"{info_file} names no instruction dataset; pass --instructions")
+    rows = load_dataset(str(instructions), "next", split=split)
+    if max_samples is not None:
+        rows = rows.select(range(min(max_samples, len(rows))))
+    prompts = rows["prompt"]
+    tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer", trust_remote_code=True)
+    if prompts and not isinstance(prompts[0], str):  # chat format: render with the tokenizer's chat template
+        prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    model = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    with torch.inference_mode():
+        ranked = rank_locations(model, tokenizer, prompts, num_beams=num_beams, batch_size=batch_size,
+                                processor=processor)
+    topk = np.full((len(ranked), num_beams), None, dtype=object)
+    for i, locs in enumerate(ranked):
+        topk[i, : len(locs)] = locs
+    targets = np.asarray(rows["target_location_id"], dtype=object)
+    ranks = ranks_from_topk(topk, targets)
+    model_res = ranking_metrics(ranks)
+    report = evaluate_baselines(data, "all", split=split, sample_ids=rows["sample_id"])
+    samples = load_prepared(data).table("samples", split)
+    seen_by_id = dict(zip(samples.column("sample_id").to_pylist(), samples.column("target_seen").to_pylist()))
+    seen = np.array([seen_by_id[s] for s in rows["sample_id"]], dtype=bool)
+    if (~seen).any():
+        model_res["unseen"] = ranking_metrics(ranks[~seen])
+    name = info.get("name", "qtmob")
+    report["results"] = {name: model_res, **report["results"]}
+    report.update(run=str(run), num_beams=num_beams, instructions=str(instructions))
+    write_json_atomic(report, run / "metrics.json")
+    return report

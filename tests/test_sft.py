@@ -1,0 +1,182 @@
+"""QT-Mob SFT (train/sft.py) on a toy instruction set: tiny Llama from scratch, LoRA on a saved "pretrained" tiny
+Llama, resuming from a checkpoint, and recipe parsing."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pyarrow as pa
+import pytest
+import torch
+
+from dataset_builders.publish import write_dataset
+from tokenization_mobility import LocationTokenizer, build_bpe_tokenizer
+from train.sft import SFTRecipe, load_recipe, parse_recipe, run_sft
+
+GENRES = ["jazz", "rock", "sushi", "tacos", "chess", "yoga", "opera", "vinyl", "coffee", "tennis", "museums", "beer"]
+# 12 locations, 4 levels, 4 codes per level; <c_3>, <d_2>, <d_3> are never used
+CODES = {f"L{i}": (i // 4, i % 4, i % 3, (i // 2) % 2) for i in range(len(GENRES))}
+
+
+def _code_text(location_id: str) -> str:
+    return "".join(f"<{'abcd'[level]}_{code}>" for level, code in enumerate(CODES[location_id]))
+
+
+def _rows(n: int, seed: int, task: str) -> pa.Table:
+    rng = random.Random(seed)
+    prompts, completions = [], []
+    for _ in range(n):
+        i = rng.randrange(len(GENRES))
+        user = rng.randrange(50)
+        if task == "alignment":
+            prompts.append(f"which place matches {_code_text(f'L{i}')}? ")
+            completions.append(f"a place for {GENRES[i]} lovers")
+        else:
+            prompts.append(f"user {user} likes {GENRES[i]}; next POI ")
+            completions.append(_code_text(f"L{i}"))
+    return pa.table({"prompt": prompts, "completion": completions})
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft_toy")
+    configs = {
+        task: {"train": _rows(200, k, task), "validation": _rows(40, 100 + k, task), "test": _rows(40, 200 + k, task)}
+        for k, task in enumerate(["next", "recovery", "alignment"])
+    }
+    write_dataset(root / "instructions", configs, card_body="toy instructions")
+    texts = [f"user {u} likes {g}; next POI a place for {g} lovers" for u in range(20) for g in GENRES]
+    base = build_bpe_tokenizer(texts, vocab_size=300)
+    LocationTokenizer.from_base(base, CODES, codebook_size=4).save_pretrained(root / "loctok")
+    return root
+
+
+def _recipe(toy, out, **kw) -> SFTRecipe:
+    values = dict(
+        instructions=str(toy / "instructions"), location_tokenizer=str(toy / "loctok"), output_dir=str(out),
+        tasks=["next"], bpe_vocab_size=300, max_length=64, per_device_train_batch_size=16, learning_rate=3e-3,
+        lr_scheduler_type="constant", logging_steps=5, eval_samples=0, save_steps=1000, max_steps=10,
+    )
+    values.update(kw)
+    return SFTRecipe(**values)
+
+
+def test_tiny_llama_full_training_writes_run_folder(toy, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    from train.sft import _tiny_llama
+
+    out = run_sft(_recipe(toy, tmp_path / "run", max_steps=40, eval_samples=16, eval_steps=20))
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert state["global_step"] == 40 and len(losses) == 8
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert any("eval_loss" in e for e in state["log_history"])
+    assert (out / "model" / "model.safetensors").is_file()
+    assert not list((out / "model").glob("*.bin"))
+    for name in ("recipe.yaml", "training_curve.png", "run_info.json", "tokenizer/location_codes.json"):
+        assert (out / name).is_file(), name
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["tasks"] == ["next"] and info["peft"] is None and info["metrics"] == {}
+    assert info["trainable_parameters"] == info["parameters"]
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer", trust_remote_code=True)
+    assert tokenizer.location_to_text("L5") == _code_text("L5")
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    # the initial weights, rebuilt with the run's seed: rows of never-seen tokens are untouched (AdamW, no weight
+    # decay), which shows the rebuild is exact, and the trained layers moved
+    set_seed(0)
+    init = _tiny_llama(tokenizer, 64)
+    unused = tokenizer.convert_tokens_to_ids(["<c_3>", "<d_2>", "<d_3>"])
+    torch.testing.assert_close(model.model.embed_tokens.weight[unused], init.model.embed_tokens.weight[unused])
+    for name, p in init.named_parameters():
+        if "layers.0" in name and name.endswith("proj.weight"):
+            assert not torch.allclose(model.get_parameter(name), p), name
+
+
+def test_lora_on_pretrained_base_merges_exactly(toy, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    texts = [f"user {u} likes {g}; next POI" for u in range(20) for g in GENRES]
+    base_tok = build_bpe_tokenizer(texts, vocab_size=300)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(base_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         pad_token_id=base_tok.pad_token_id, eos_token_id=base_tok.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    base_tok.save_pretrained(tmp_path / "base")
+
+    out = run_sft(_recipe(toy, tmp_path / "run", base_model=str(tmp_path / "base"), lora_r=4, lora_alpha=8,
+                          lora_dropout=0.0, learning_rate=1e-2, max_steps=6, tasks=["next", "alignment"]))
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["peft"] == "lora" and info["trainable_parameters"] < info["parameters"]
+    assert (out / "model" / "model.safetensors").is_file() and not list((out / "model").glob("*.bin"))
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    assert merged.config.tie_word_embeddings is False
+    resized = AutoModelForCausalLM.from_pretrained(out / "base_model").eval()
+    peft_model = PeftModel.from_pretrained(resized, out / "adapter", is_trainable=True)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all(("lora_" in n or "trainable_tokens" in n or "modules_to_save" in n) for n in trainable)
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer", trust_remote_code=True)
+    batch = tokenizer(["user 3 likes jazz; next POI <a_0><b_0>", "which place matches <a_2><b_3><c_2><d_1>? "],
+                      return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = peft_model.eval()(**batch).logits
+        got = merged(**batch).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+    # only the new code-token rows of the input embeddings and the head changed; norms are untouched
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    resized = AutoModelForCausalLM.from_pretrained(out / "base_model")  # fresh: PeftModel wrapped the first in place
+    old = len(base_tok)
+    assert resized.model.embed_tokens.weight.shape[0] == len(tokenizer) > old
+    torch.testing.assert_close(merged.model.embed_tokens.weight[:old], base.model.embed_tokens.weight)
+    assert not torch.allclose(merged.model.embed_tokens.weight[old:], resized.model.embed_tokens.weight[old:])
+    assert not torch.allclose(merged.lm_head.weight, resized.lm_head.weight)
+    torch.testing.assert_close(merged.model.norm.weight, base.model.norm.weight)
+    assert not torch.allclose(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_resume_continues_from_checkpoint(toy, tmp_path):
+    out = tmp_path / "run"
+    run_sft(_recipe(toy, out, max_steps=4, save_steps=4, logging_steps=1, learning_rate=1e-3))
+    assert (out / "checkpoint-4").is_dir()
+    run_sft(_recipe(toy, out, max_steps=8, save_steps=4, logging_steps=1, learning_rate=5e-3,
+                    resume_from_checkpoint="last"))
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+    steps = {e["step"]: e for e in state["log_history"] if "loss" in e}
+    assert sorted(steps) == list(range(1, 9))
+    # steps 1-4 come from the checkpoint (the first run's learning rate), not from a restart
+    assert all(steps[s]["learning_rate"] == pytest.approx(1e-3) for s in range(1, 5))
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["resumed_from"].endswith("checkpoint-4") and info["global_step"] == 8
+
+
+def test_recipe_yaml_and_cli_overrides(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("instructions: data/instr\nlearning_rate: 2e-4\nmax_length: null\nbf16: false\n"
+                    "tasks: [next, recovery]\nfull_finetune: null\n")
+    recipe = parse_recipe(["--config", str(path), "--learning_rate", "0.01", "--max_steps", "3", "--tasks", "next",
+                           "--bf16", "true", "--warmup_ratio", "0.1"])
+    assert recipe.learning_rate == 0.01 and isinstance(recipe.learning_rate, float)
+    assert recipe.max_steps == 3 and isinstance(recipe.max_steps, int)
+    assert recipe.tasks == ["next"] and recipe.bf16 is True and recipe.warmup_ratio == 0.1
+    assert recipe.max_length is None and recipe.instructions == "data/instr" and recipe.use_peft is False
+    assert parse_recipe(["--config", str(path)]).learning_rate == 2e-4  # YAML 1.1 reads "2e-4" as a string
+    assert parse_recipe(["--tasks", "next,alignment"]).tasks == ["next", "alignment"]
+    assert parse_recipe(["--base_model", "some/llm"]).use_peft is True
+    assert parse_recipe(["--base_model", "some/llm", "--full_finetune", "true"]).use_peft is False
+
+    with pytest.raises(ValueError, match="unknown recipe options.*--lr"):
+        parse_recipe(["--lr", "0.1"])
+    path.write_text("learning_rte: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown recipe keys \['learning_rte'\].*allowed keys"):
+        parse_recipe(["--config", str(path)])
+    with pytest.raises(ValueError, match="`max_steps` must be of type int"):
+        parse_recipe(["--max_steps", "three"])
+    with pytest.raises(ValueError, match="unknown tasks"):
+        load_recipe(tasks=["next", "weather"])
