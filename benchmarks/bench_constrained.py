@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,6 +41,7 @@ from tokenization_mobility import (  # noqa: E402
     build_bpe_tokenizer,
     make_prefix_allowed_tokens_fn,
 )
+from train.sft import tiny_llama  # noqa: E402
 
 WORDS = "user visited the cafe museum park station office gym school bakery bar at then will visit near".split()
 
@@ -99,20 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch = make_prompts(tokenizer, args.batch_size, args.prompt_tokens, args.seed)
     prompt_length = batch["input_ids"].shape[1]
     torch.manual_seed(args.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(tokenizer, max_position_embeddings=256).eval()  # the demo recipe's tiny Llama
     common = dict(
         num_beams=args.num_beams,
         num_return_sequences=args.num_beams,

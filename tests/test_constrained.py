@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+from transformers import LogitsProcessorList
 from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
 from tokenization_mobility import (
@@ -16,6 +16,7 @@ from tokenization_mobility import (
     make_prefix_allowed_tokens_fn,
     rank_locations,
 )
+from train.sft import tiny_llama
 
 NUM_LEVELS = 4
 CODEBOOK = 16
@@ -57,27 +58,14 @@ def tok():
     return LocationTokenizer.from_base(base, random_table(), codebook_size=CODEBOOK)
 
 
-def tiny_llama(tok, seed=0):
+def small_llama(tok, seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(tok, hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=128).eval()
 
 
 @pytest.fixture(scope="module")
 def model(tok):
-    return tiny_llama(tok)
+    return small_llama(tok)
 
 
 def _generate(model, tok, batch, **kwargs):

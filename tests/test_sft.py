@@ -65,7 +65,7 @@ def _recipe(toy, out, **kw) -> SFTRecipe:
 def test_tiny_llama_full_training_writes_run_folder(toy, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from train.sft import _tiny_llama
+    from train.sft import tiny_llama
 
     out = run_sft(_recipe(toy, tmp_path / "run", max_steps=40, eval_samples=16, eval_steps=20))
     state = json.loads((out / "trainer_state.json").read_text())
@@ -87,7 +87,7 @@ def test_tiny_llama_full_training_writes_run_folder(toy, tmp_path):
     # the initial weights, rebuilt with the run's seed: rows of never-seen tokens are untouched (AdamW, no weight
     # decay), which shows the rebuild is exact, and the trained layers moved
     set_seed(0)
-    init = _tiny_llama(tokenizer, 64)
+    init = tiny_llama(tokenizer, 64)
     unused = tokenizer.convert_tokens_to_ids(["<c_3>", "<d_2>", "<d_3>"])
     torch.testing.assert_close(model.model.embed_tokens.weight[unused], init.model.embed_tokens.weight[unused])
     for name, p in init.named_parameters():

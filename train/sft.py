@@ -50,6 +50,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "tiny_llama",
     "TINY_LLAMA",
     "SFTRecipe",
     "build_parser",
@@ -346,10 +347,12 @@ def _build_tokenizer(recipe: SFTRecipe, train_dataset):
     return tokenizer
 
 
-def _tiny_llama(tokenizer, max_length: int | None):
+def tiny_llama(tokenizer, max_length: int | None = None, **config_overrides):
+    """The demo's tiny `LlamaForCausalLM` (hidden 128, 4 layers, 4 heads, untied head) sized to `tokenizer`, built
+    in code; `config_overrides` change any `LlamaConfig` field (tests use smaller ones)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=256,
@@ -362,7 +365,8 @@ def _tiny_llama(tokenizer, max_length: int | None):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return LlamaForCausalLM(config)
+    fields.update(config_overrides)
+    return LlamaForCausalLM(LlamaConfig(**fields))
 
 
 def _untie_embeddings(model) -> bool:
@@ -535,7 +539,7 @@ def run_sft(recipe: SFTRecipe) -> Path:
         if recipe.use_peft:
             raise ValueError("`full_finetune`=False with base_model='tiny-llama': a model trained from scratch needs "
                              "all parameters (set full_finetune to true or null)")
-        model = _tiny_llama(tokenizer, recipe.max_length)
+        model = tiny_llama(tokenizer, recipe.max_length)
     else:
         with state.main_process_first():
             if state.is_main_process and not (checkpoint and base_dir.is_dir()) and recipe.use_peft:
