@@ -252,3 +252,16 @@ def test_rank_locations(model, tok):
         rank_locations(model, tok, PROMPTS, do_sample=True)
     with pytest.raises(ValueError, match="batch_size"):
         rank_locations(model, tok, PROMPTS, batch_size=0)
+
+
+def test_rank_locations_cached_equals_generate(model, tok):
+    """Encoding each prompt once and expanding its cache per beam ranks exactly like HF's constrained beam search,
+    on a left-padded batch of prompts of different lengths."""
+    from tokenization_mobility.constrained import rank_locations_cached
+
+    expected = rank_locations(model, tok, PROMPTS, num_beams=NUM_BEAMS, batch_size=3)
+    cached = rank_locations_cached(model, tok, PROMPTS, num_beams=NUM_BEAMS, batch_size=3)
+    assert cached == expected
+    assert rank_locations_cached(model, tok, PROMPTS, num_beams=NUM_BEAMS, batch_size=len(PROMPTS)) == expected
+    with pytest.raises(ValueError, match="num_beams"):
+        rank_locations_cached(model, tok, PROMPTS, num_beams=0)

@@ -68,7 +68,7 @@ def test_known_answer_metrics_and_same_samples(prepared, monkeypatch):
 
     import tokenization_mobility
 
-    monkeypatch.setattr(tokenization_mobility, "rank_locations", fake_rank_locations)
+    monkeypatch.setattr(tokenization_mobility, "rank_locations_cached", fake_rank_locations)
     report = ev.evaluate_run(run, prepared / "data", num_beams=5)
     res = report["results"]["toy"]
     assert res["num_samples"] == 12
@@ -87,6 +87,11 @@ def test_real_constrained_decoding_yields_valid_locations(prepared):
     report = ev.evaluate_run(run, prepared / "data", num_beams=4, batch_size=4, max_samples=6)
     res = report["results"]["toy"]
     assert res["num_samples"] == 6 and 0.0 <= res["acc@1"] <= res["acc@5"] <= 1.0
+    # the generate-based decoder ranks alike
+    slow = ev.evaluate_run(run, prepared / "data", num_beams=4, batch_size=4, max_samples=6, decoder="vectorised")
+    assert slow["results"]["toy"] == res
+    with pytest.raises(ValueError, match="decoder"):
+        ev.evaluate_run(run, prepared / "data", decoder="sampling")
 
 
 def test_unknown_run_folder_is_a_clear_error(tmp_path, prepared, capsys):

@@ -2,7 +2,7 @@
 
 `LocationTokenizer` and `build_bpe_tokenizer` live in `tokenization_location.py` (self-contained, so it can be copied
 next to a saved tokenizer for `trust_remote_code`); constrained decoding (`make_prefix_allowed_tokens_fn`,
-`LocationCodeLogitsProcessor`, `rank_locations`) lives in `constrained.py` and is imported on first use.
+`LocationCodeLogitsProcessor`, `rank_locations`, `rank_locations_cached`) lives in `constrained.py` and is imported on first use.
 """
 
 from __future__ import annotations
@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING
 from .tokenization_location import LocationTokenizer, build_bpe_tokenizer
 
 if TYPE_CHECKING:
-    from .constrained import LocationCodeLogitsProcessor, make_prefix_allowed_tokens_fn, rank_locations
+    from .constrained import (
+        LocationCodeLogitsProcessor,
+        make_prefix_allowed_tokens_fn,
+        rank_locations,
+        rank_locations_cached,
+    )
 
 __all__ = [
     "LocationCodeLogitsProcessor",
@@ -20,9 +25,10 @@ __all__ = [
     "build_bpe_tokenizer",
     "make_prefix_allowed_tokens_fn",
     "rank_locations",
+    "rank_locations_cached",
 ]
 
-_CONSTRAINED = {"LocationCodeLogitsProcessor", "make_prefix_allowed_tokens_fn", "rank_locations"}
+_CONSTRAINED = {"LocationCodeLogitsProcessor", "make_prefix_allowed_tokens_fn", "rank_locations", "rank_locations_cached"}
 
 
 def __getattr__(name: str):

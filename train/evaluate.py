@@ -178,13 +178,15 @@ def evaluate_run(
     batch_size: int = 32,
     instructions: str | os.PathLike | None = None,
     max_samples: int | None = None,
-    processor: str = "vectorised",
+    decoder: str = "cached",
 ) -> dict:
     """Score a fine-tuned QT-Mob run on the next-location samples of ``split``, with the baselines beside it.
 
     The prompts come from the run's instruction dataset (config ``next``; one row per prepared sample, template 0),
     the ranking from deterministic beam search constrained to valid location codes
-    (:func:`tokenization_mobility.rank_locations`); Acc@k / MRR / NDCG@k are computed over the returned ranking
+    (``decoder="cached"``: :func:`tokenization_mobility.rank_locations_cached`, each prompt encoded once; or
+    ``"vectorised"`` / ``"prefix_fn"``: ``generate`` with that constraint; all rank alike); Acc@k / MRR / NDCG@k are
+    computed over the returned ranking
     (a target outside the ``num_beams`` returned locations counts as a miss). The baselines are scored on exactly the
     same samples. Returns the report (also the content of ``metrics.json``).
     """
@@ -194,9 +196,12 @@ def evaluate_run(
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tokenization_mobility import rank_locations
+    import tokenization_mobility
 
     from .metrics import ranks_from_topk
+
+    if decoder not in ("cached", "vectorised", "prefix_fn"):
+        raise ValueError(f"decoder must be 'cached', 'vectorised' or 'prefix_fn', got {decoder!r}")
 
     run = Path(run_dir)
     info_file = run / "run_info.json"
@@ -215,8 +220,12 @@ def evaluate_run(
         prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     model = AutoModelForCausalLM.from_pretrained(run / "model").eval()
     with torch.inference_mode():
-        ranked = rank_locations(model, tokenizer, prompts, num_beams=num_beams, batch_size=batch_size,
-                                processor=processor)
+        if decoder == "cached":
+            ranked = tokenization_mobility.rank_locations_cached(model, tokenizer, prompts, num_beams=num_beams,
+                                                                 batch_size=batch_size)
+        else:
+            ranked = tokenization_mobility.rank_locations(model, tokenizer, prompts, num_beams=num_beams,
+                                                          batch_size=batch_size, processor=decoder)
     topk = np.full((len(ranked), num_beams), None, dtype=object)
     for i, locs in enumerate(ranked):
         topk[i, : len(locs)] = locs
@@ -231,6 +240,6 @@ def evaluate_run(
         model_res["unseen"] = ranking_metrics(ranks[~seen])
     name = info.get("name", "qtmob")
     report["results"] = {name: model_res, **report["results"]}
-    report.update(run=str(run), num_beams=num_beams, instructions=str(instructions))
+    report.update(run=str(run), num_beams=num_beams, instructions=str(instructions), decoder=decoder)
     write_json_atomic(report, run / "metrics.json")
     return report
