@@ -96,6 +96,28 @@ def synthetic_instructions(rows: int, seed: int = 0, num_locations: int = 500):
     return configs, codes
 
 
+def _time_predictions(run: Path, instructions: Path, n: int) -> list[tuple[str, str]]:
+    """Evaluation speed: predictions/s of constrained beam search (batch 32, 20 beams), both decoders."""
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokenization_mobility import rank_locations, rank_locations_cached
+
+    split = load_dataset(str(instructions), "next", split="train")
+    prompts = split.select(range(min(n, len(split))))["prompt"]
+    tok = AutoTokenizer.from_pretrained(run / "tokenizer", trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    mean_len = sum(len(tok(p)["input_ids"]) for p in prompts) / len(prompts)
+    out = []
+    for name, fn in (("cached (default of evaluate)", rank_locations_cached), ("generate + vectorised processor",
+                                                                                rank_locations)):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            fn(model, tok, prompts, num_beams=20, batch_size=32)
+        out.append((f"predictions/s, {name}, {mean_len:.0f}-token prompts", f"{len(prompts) / (time.perf_counter() - t0):.1f}"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=4000, help="training rows over the three tasks (default 4000)")
@@ -104,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
                         / "qtmob_demo.yaml", help="the recipe to time (default: the demo recipe)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-prompts", type=int, default=64,
+                        help="next-task prompts to rank for the predictions/s rows (batch 32, 20 beams; default 64)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         out = run_sft(recipe)
         t_total = time.perf_counter() - t0
         info = json.loads((out / "run_info.json").read_text())
+        eval_rows = _time_predictions(out, root / "instructions", args.eval_prompts)
 
     metrics = info["train_metrics"]
     runtime, tokens = metrics["train_runtime"], metrics["num_tokens"]
@@ -150,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         (f"projected full recipe ({full_steps} steps = {full_steps / steps_per_epoch:.1f} epochs) (min)",
          f"{full_steps / (steps / runtime) / 60:.1f}"),
     ]
+    rows += eval_rows
     width = max(len(k) for k, _ in rows)
     print(f"\nQT-Mob SFT, recipe {args.recipe.name}, {torch.get_num_threads()} torch threads\n")
     print(f"| {'measure'.ljust(width)} | value |")
