@@ -15,17 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .plots import pyplot, save_figure
+
 __all__ = ["run_demo"]
 
 logger = logging.getLogger(__name__)
 
 
 def _plot_city(pois: pd.DataFrame, checkins: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     top = pois["category"].astype(str).str.split(" > ").str[0]
     visits = checkins["location_id"].value_counts()
     size = 4 + 40 * np.sqrt(pois["location_id"].map(visits).fillna(0).to_numpy() / max(1, visits.max()))
@@ -38,17 +36,11 @@ def _plot_city(pois: pd.DataFrame, checkins: pd.DataFrame, path: Path) -> None:
     ax.xaxis.set_major_locator(plt.MaxNLocator(5))
     ax.set_title("Synthetic city: POIs by top-level category (size = visits)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_hours(checkins: pd.DataFrame, pois: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     top = pois.set_index("location_id")["category"].astype(str).str.split(" > ").str[0]
     local = checkins["timestamp"].to_numpy() + checkins["tz_offset_min"].to_numpy().astype(np.int64) * 60
     hours = (local % 86400) // 3600
@@ -63,17 +55,11 @@ def _plot_hours(checkins: pd.DataFrame, pois: pd.DataFrame, path: Path) -> None:
     ax.set_title("When categories are visited (synthetic city)")
     ax.set_xticks(range(0, 24, 3))
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_grid(grid: pd.DataFrame, path: Path, grid_size: int = 200) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     real = grid[grid["x"] != 999]
     counts = np.zeros((grid_size, grid_size))
     np.add.at(counts, (real["y"].to_numpy() - 1, real["x"].to_numpy() - 1), 1)
@@ -83,17 +69,11 @@ def _plot_grid(grid: pd.DataFrame, path: Path, grid_size: int = 200) -> None:
     ax.set_ylabel("y (cell, downwards)")
     ax.set_title("Synthetic grid city: visits per cell (log scale)")
     fig.colorbar(im, ax=ax, label="log(1 + records)", shrink=0.8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_baselines(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     metrics = ["acc@1", "acc@5", "acc@10", "mrr"]
     names = list(results)
     x = np.arange(len(metrics))
@@ -105,9 +85,7 @@ def _plot_baselines(results: dict, path: Path) -> None:
     ax.set_ylabel("%")
     ax.set_title("Baselines on the synthetic check-in city (test split)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_demo(out_dir: str | os.PathLike = "runs/demo", *, seed: int = 0, num_users: int | None = None) -> Path:

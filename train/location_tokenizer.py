@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .plots import pyplot, save_figure
+
 __all__ = ["LocationTokenizerResult", "build_location_tokenizer", "same_category_first_code_rate"]
 
 logger = logging.getLogger(__name__)
@@ -60,11 +62,7 @@ def same_category_first_code_rate(categories, first_codes, seed: int = 0) -> tup
 
 
 def _plot_usage(codes: np.ndarray, codebook_size: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     levels = codes.shape[1]
     fig, axes = plt.subplots(1, levels, figsize=(3.2 * levels, 2.8), sharey=True)
     axes = np.atleast_1d(axes)
@@ -76,17 +74,11 @@ def _plot_usage(codes: np.ndarray, codebook_size: int, path: Path) -> None:
         ax.set_xlabel("code")
     axes[0].set_ylabel("locations")
     fig.suptitle("RQ-VAE codebook usage")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_map(locations: pd.DataFrame, codes: np.ndarray, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 6))
     first = codes[:, 0]
     # the 10 most used first-level codes get their own colour and legend entry, the rest are grey
@@ -102,17 +94,11 @@ def _plot_map(locations: pd.DataFrame, codes: np.ndarray, path: Path) -> None:
     ax.xaxis.set_major_locator(plt.MaxNLocator(5))
     ax.set_title("Locations coloured by their first-level code")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_history(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     frame = pd.DataFrame(history)
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for col in [c for c in frame.columns if c.endswith("loss")]:
@@ -123,9 +109,7 @@ def _plot_history(history: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_title("RQ-VAE training")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:

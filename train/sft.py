@@ -447,11 +447,9 @@ def _resolve_checkpoint(recipe: SFTRecipe) -> str | None:
 
 
 def _plot_training_curve(log_history: list[dict], path: Path) -> None:
-    import matplotlib
+    from .plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
     evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
@@ -464,9 +462,7 @@ def _plot_training_curve(log_history: list[dict], path: Path) -> None:
     ax.set_title("QT-Mob SFT")
     if train or evals:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _write_json(obj: Any, path: Path) -> None:
