@@ -141,7 +141,8 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", *, seed: int = 0, num_use
         "",
         format_results_table(checkin_report),
         "",
-        f"Strongest simple baseline by MRR: **{best[0]}**. Models of later releases are reported beside it.",
+        f"Strongest simple baseline by MRR: **{best[0]}**. A trained model is scored on these same samples with "
+        "`mobility evaluate RUN_DIR --data DATA_DIR`, which prints it beside these baselines.",
         "",
         "![baselines](baselines.png)",
         "",
