@@ -110,6 +110,7 @@ def test_every_command_has_help():
         ["train"],
         ["train", "location-tokenizer"],
         ["data", "instructions"],
+        ["push"],
     ]
     for cmd in commands:
         with pytest.raises(SystemExit) as exc:
@@ -120,6 +121,7 @@ def test_every_command_has_help():
     commands = [
         top["evaluate"],
         top["demo"],
+        top["push"],
         *top["data"]._subparsers._group_actions[0].choices.values(),
         *top["train"]._subparsers._group_actions[0].choices.values(),
     ]

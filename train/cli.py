@@ -197,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", help="split to score (default test)")
     ev.add_argument("--out", type=Path, default=None, help="write the metrics JSON here (default DATA/metrics.json)")
 
+    push = sub.add_parser(
+        "push",
+        help="upload a training run (model, tokenizer, RQ-VAE, card) and its instruction dataset to the Hub",
+        description="Stage the run folder as a Hub model repo (model and LocationTokenizer at the root, the RQ-VAE in "
+        "rqvae/, a model card with the metrics table) and its instruction dataset as a dataset repo, then upload "
+        "both with huggingface_hub (needs a login or --token and network access).",
+    )
+    push.add_argument("run_dir", type=Path, help="a run folder from `mobility train sft`")
+    push.add_argument("--repo-id", required=True, help="model repo id USER/NAME")
+    push.add_argument("--dataset-repo-id", default=None,
+                      help="dataset repo id for the instructions (default: REPO_ID-instructions)")
+    push.add_argument("--private", action="store_true", help="create private repos")
+
     demo = sub.add_parser(
         "demo",
         help="run the demo on the embedded synthetic city and write a report",
@@ -385,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
             {"location-tokenizer": _train_location_tokenizer, "sft": _train_sft}[args.train_command](args)
         elif args.command == "evaluate":
             _evaluate(args)
+        elif args.command == "push":
+            from .push import push_cli
+
+            push_cli(args.run_dir, args.repo_id, private=args.private, dataset_repo_id=args.dataset_repo_id)
         elif args.command == "demo":
             _demo(args)
     except (DataValidationError, ValueError, OSError) as err:  # bad input, missing or unwritable files
