@@ -282,6 +282,15 @@ class LocationCodeLogitsProcessor(LogitsProcessor):
 
 
 @torch.no_grad()
+def _check_rank_args(prompts, num_beams, batch_size) -> None:
+    if isinstance(prompts, str):
+        raise ValueError("`prompts` must be a list of strings, not a single string")
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"`num_beams` must be a positive int, got {num_beams!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+
+
 def rank_locations(
     model,
     tokenizer: LocationTokenizer,
@@ -321,12 +330,7 @@ def rank_locations(
     """
     if processor not in _PROCESSORS:
         raise ValueError(f"`processor` must be one of {list(_PROCESSORS)}, got {processor!r}")
-    if isinstance(prompts, str):
-        raise ValueError("`prompts` must be a list of strings, not a single string")
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"`num_beams` must be a positive int, got {num_beams!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    _check_rank_args(prompts, num_beams, batch_size)
     if generate_kwargs.get("do_sample"):
         raise ValueError("rank_locations is deterministic: `do_sample=True` is not allowed")
     for key in ("num_beams", "num_return_sequences", "prefix_allowed_tokens_fn"):
@@ -488,12 +492,7 @@ def rank_locations_cached(
     Returns:
         `list[list[str]]`: per prompt, distinct location ids ordered by the summed log-probability of code and EOS.
     """
-    if isinstance(prompts, str):
-        raise ValueError("`prompts` must be a list of strings, not a single string")
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"`num_beams` must be a positive int, got {num_beams!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    _check_rank_args(prompts, num_beams, batch_size)
     eos = _eos_id(tokenizer)
     tables = _CodePrefixTables(tokenizer, model.device)
     was_training = model.training

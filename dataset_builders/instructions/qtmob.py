@@ -368,14 +368,19 @@ def _next_batch(batch: pa.Table, ctx: _Context) -> pa.Table:
     return ctx.finish(batch, "next", prompt, ctx.codes_of(target), template_id, target)
 
 
-def _recovery_batch(batch: pa.Table, ctx: _Context) -> pa.Table:
-    users = _col(batch, "user_id")
+def _trajectory(batch: pa.Table):
+    """The flat visits of the rows' trajectories: users, locations, lengths, timestamps, offsets, row of each visit."""
     locs, lengths = _flat(batch.column("_traj_locations"))
     ts, _ = _flat(batch.column("_traj_timestamps"))
     tz, _ = _flat(batch.column("_traj_tz"))
+    parent = np.repeat(np.arange(len(lengths)), lengths)
+    return _col(batch, "user_id"), locs, lengths, ts, tz, parent
+
+
+def _recovery_batch(batch: pa.Table, ctx: _Context) -> pa.Table:
+    users, locs, lengths, ts, tz, parent = _trajectory(batch)
     state, _ = _flat(batch.column("_traj_state"))  # 0 shown, 1 queried, 2 hidden
     state = _np(state)
-    parent = np.repeat(np.arange(len(lengths)), lengths)
     codes = pc.binary_join_element_wise("POI ", ctx.codes_of(locs), "")
     what = pc.if_else(pa.array(state == 1), "POI " + MASK, pc.if_else(pa.array(state == 2), "POI " + UNKNOWN, codes))
     ts_np, tz_np = _np(ts), _np(tz)
@@ -395,11 +400,7 @@ def _recovery_batch(batch: pa.Table, ctx: _Context) -> pa.Table:
 
 
 def _translation_batch(batch: pa.Table, ctx: _Context) -> pa.Table:
-    users = _col(batch, "user_id")
-    locs, lengths = _flat(batch.column("_traj_locations"))
-    ts, _ = _flat(batch.column("_traj_timestamps"))
-    tz, _ = _flat(batch.column("_traj_tz"))
-    parent = np.repeat(np.arange(len(lengths)), lengths)
+    users, locs, lengths, ts, tz, parent = _trajectory(batch)
     lines = _visit_lines(ctx, users, parent, _np(ts), _np(tz), ctx.places_of(locs), "visited")
     fields = {"user": users, "trajectory": _join_lists(lines, lengths, "\n")}
     template_id = _np(batch.column("_template_id"))
