@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,13 @@ def write_dataset(
     pretty_name: str | None = None,
     overwrite: bool = True,
     max_rows_per_shard: int = MAX_ROWS_PER_SHARD,
+    extras: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``{config: {split: table}}`` as a Hub-style dataset folder, atomically.
 
     An existing ``out_dir`` is replaced only when it is empty or was written by this function (it holds
-    ``hf_mobility.json``) and ``overwrite`` is true.
+    ``hf_mobility.json``) and ``overwrite`` is true. ``extras(folder)`` may write more files into the folder before it
+    is renamed into place (e.g. the tokenizer an instruction set was rendered with).
     """
     out = Path(out_dir)
     if out.exists():
@@ -81,6 +84,8 @@ def write_dataset(
         readme = "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n\n" + card_body.strip() + "\n"
         (tmp / "README.md").write_text(readme, encoding="utf-8")
         (tmp / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2, default=str), encoding="utf-8")
+        if extras is not None:
+            extras(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)

@@ -202,6 +202,42 @@ def test_published_folder_loads_with_identical_rows(built, tmp_path):
     assert "will visit POI" in card and '"max_history": 20' in card
 
 
+def test_published_folder_holds_its_location_tokenizer(built, tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = write_qtmob_instructions(built, tmp_path / "instructions")
+    saved = AutoTokenizer.from_pretrained(out / "location_tokenizer", trust_remote_code=True)
+    assert dict(saved.location_codes) == dict(tokenizer.location_codes)
+    row = load_dataset(str(out), "next", split="test")[0]
+    assert saved.text_to_locations(row["completion"]) == [row["target_location_id"]]
+
+
+def test_id_location_format_writes_one_plain_token_per_location(prepared, tokenizer, built, tmp_path):
+    config = QTMobInstructionConfig(tasks=("next", "recovery", "alignment"), location_format="id")
+    result = build_qtmob_instructions(prepared, tokenizer, config)
+    ids = result.tokenizer
+    assert ids.level_prefixes == ["loc"] and ids.num_levels == 1
+    assert sorted(ids.location_ids) == sorted(tokenizer.location_ids)
+    assert len(ids) == len(tokenizer) - sum(tokenizer.codebook_sizes) + ids.num_locations  # semantic codes removed
+    assert config.system_prompt.startswith("You are") and "one ID token" in config.system_prompt
+    for task in ("next", "recovery"):
+        for split in ("train", "test"):
+            rows = result.datasets[task][split].to_pandas()
+            sem = built.datasets[task][split].to_pandas()
+            assert list(rows["sample_id"]) == list(sem["sample_id"])  # the same samples as the semantic set
+            assert rows["completion"].str.fullmatch(r"<loc_\d+>").all()
+            assert [ids.text_to_locations(c) for c in rows["completion"]] == [[t] for t in rows["target_location_id"]]
+            assert not rows["prompt"].str.contains(r"<a_\d+>").any()
+    prompt = result.datasets["next"]["test"][0]["prompt"]
+    visits = [m.group(1) for m in map(VISIT.match, prompt.splitlines()) if m]
+    assert visits and all(re.fullmatch(r"<loc_\d+>", v) for v in visits)
+    assert len(ids.tokenize(visits[0])) == 1
+    out = write_qtmob_instructions(result, tmp_path / "instructions_id")
+    reloaded = LocationTokenizer.from_pretrained(str(out / "location_tokenizer"))
+    assert reloaded.level_prefixes == ["loc"] and dict(reloaded.location_codes) == dict(ids.location_codes)
+    assert "plain ID tokens" in (out / "README.md").read_text()
+
+
 def test_seeded_determinism(prepared, tokenizer, built):
     again = build_qtmob_instructions(prepared, tokenizer, QTMobInstructionConfig(tasks=ALL_TASKS))
     for task, dd in built.datasets.items():
@@ -240,6 +276,7 @@ def test_locations_without_codes_are_dropped_and_counted(prepared):
         ({"recovery_mask_range": (0.0, 0.5)}, "recovery_mask_range"),
         ({"recovery_mask_range": (0.6, 0.5)}, "recovery_mask_range"),
         ({"num_templates": 0}, "num_templates"),
+        ({"location_format": "ids"}, "location_format"),
     ],
 )
 def test_config_validation(kwargs, match):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pyarrow as pa
 import pytest
@@ -180,3 +181,88 @@ def test_recipe_yaml_and_cli_overrides(tmp_path):
         parse_recipe(["--max_steps", "three"])
     with pytest.raises(ValueError, match="unknown tasks"):
         load_recipe(tasks=["next", "weather"])
+
+
+_RELOAD_SCRIPT = """
+import json, sys
+import torch
+from datasets import load_dataset
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+run = sys.argv[1]
+tokenizer = AutoTokenizer.from_pretrained(run + "/tokenizer", trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(run + "/model").eval()
+rqvae = AutoModel.from_pretrained(run + "/rqvae", trust_remote_code=True).eval()
+rows = load_dataset(run + "/instructions", "next", split="test")
+batch = tokenizer(rows[0]["prompt"], return_tensors="pt")
+with torch.no_grad():
+    logits = model(**batch).logits[0, -1]
+    codes = rqvae.get_codes(torch.linspace(-1, 1, 16).reshape(2, 8), use_sinkhorn=False)
+print("RESULT" + json.dumps({
+    "tokenizer": type(tokenizer).__name__, "module": type(tokenizer).__module__, "rqvae": type(rqvae).__name__,
+    "prompt": rows[0]["prompt"], "rows": rows.num_rows, "logits": logits.tolist(), "codes": codes.tolist(),
+    "L3": tokenizer.location_to_text("L3"),
+}))
+"""
+
+
+def test_run_folder_is_self_contained_and_reloads_in_a_fresh_process(toy, tmp_path, run_without_our_packages):
+    """The run folder holds the merged model, the tokenizer, the RQ-VAE, the instructions and a model card, and a
+    fresh interpreter without our packages loads each to the same outputs."""
+    from transformers import AutoModelForCausalLM
+
+    from modeling_mobility.rqvae import RQVAEConfig, RQVAEModel
+
+    loc = tmp_path / "loc"  # the layout of `mobility train location-tokenizer`: OUT/tokenizer and OUT/rqvae
+    LocationTokenizer.from_pretrained(str(toy / "loctok")).save_pretrained(loc / "tokenizer")
+    torch.manual_seed(0)
+    rqvae = RQVAEModel(RQVAEConfig(input_dim=8, hidden_sizes=[8], code_dim=4, num_quantizers=4, codebook_size=4))
+    rqvae.save_pretrained(loc / "rqvae")
+    out = run_sft(_recipe(toy, tmp_path / "run", location_tokenizer=str(loc / "tokenizer"), max_steps=3))
+    shutil.rmtree(loc)  # nothing may point outside the run folder any more
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["train_rows"] == 3 * 16  # max_steps caps the rows that are tokenised
+    assert info["location_format"] == "semantic"
+    card = (out / "README.md").read_text()
+    assert "semantic code tokens" in card and "/rqvae\", trust_remote_code=True" in card and "next-location prediction." in card
+    assert "No evaluation was run" in card and "```yaml" in card
+
+    proc = run_without_our_packages(_RELOAD_SCRIPT, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))[len("RESULT"):])
+    assert got["tokenizer"] == "LocationTokenizer" and got["module"].startswith("transformers_modules.")
+    assert got["rqvae"] == "RQVAEModel" and got["rows"] == 40 and got["L3"] == _code_text("L3")
+    tokenizer = LocationTokenizer.from_pretrained(str(out / "tokenizer"))
+    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    with torch.no_grad():
+        logits = model(**tokenizer(got["prompt"], return_tensors="pt")).logits[0, -1]
+        codes = rqvae.eval().get_codes(torch.linspace(-1, 1, 16).reshape(2, 8), use_sinkhorn=False)
+    torch.testing.assert_close(torch.tensor(got["logits"]), logits)
+    assert got["codes"] == codes.tolist()
+
+
+def test_location_codes_come_from_the_instructions_folder(toy, tmp_path):
+    """Instructions written with plain IDs carry their tokenizer; a recipe without `location_tokenizer` uses it, and a
+    recipe naming a tokenizer with other codes is refused."""
+    semantic = LocationTokenizer.from_pretrained(str(toy / "loctok"))
+    ids = LocationTokenizer.from_base(semantic, LocationTokenizer.id_codes(CODES), level_prefixes=["loc"])
+
+    def rows(n, seed):
+        rng = random.Random(seed)
+        picks = [rng.randrange(len(GENRES)) for _ in range(n)]
+        return pa.table({"prompt": [f"user likes {GENRES[i]}; next POI " for i in picks],
+                         "completion": [ids.location_to_text(f"L{i}") for i in picks]})
+
+    write_dataset(tmp_path / "instr", {"next": {"train": rows(64, 0), "validation": rows(8, 1)}},
+                  extras=lambda folder: ids.save_pretrained(folder / "location_tokenizer"))
+    out = run_sft(_recipe(toy, tmp_path / "run", instructions=str(tmp_path / "instr"), location_tokenizer=None,
+                          max_steps=2))
+    run_tok = LocationTokenizer.from_pretrained(str(out / "tokenizer"))
+    assert run_tok.level_prefixes == ["loc"] and run_tok.tokenize(ids.location_to_text("L4")) == ["<loc_6>"]  # sorted ids: L0, L1, L10, L11, L2, L3, L4
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["location_format"] == "id" and not (out / "rqvae").exists()
+    assert "plain ID token" in (out / "README.md").read_text()
+    with pytest.raises(ValueError, match="does not hold the location codes the instructions were written with"):
+        run_sft(_recipe(toy, tmp_path / "run2", instructions=str(tmp_path / "instr"), max_steps=2))
+    with pytest.raises(ValueError, match="holds no location_tokenizer/"):
+        run_sft(_recipe(toy, tmp_path / "run3", location_tokenizer=None, max_steps=2))

@@ -302,3 +302,30 @@ def test_auto_tokenizer_trust_remote_code_fresh_process(tok, table, tmp_path, ru
         assert got["code_token_ids"] == tok.code_token_ids
         assert got["padding_side"] == tok.padding_side
     assert (tmp_path / "fresh_hf_home" / "modules" / "transformers_modules").is_dir()
+
+
+def test_plain_id_tokens_and_recoding_a_location_tokenizer(tok, table, tmp_path):
+    """QT-Mob's ablation: one `<loc_N>` token per location; re-coding a LocationTokenizer drops its old code tokens."""
+    codes = LocationTokenizer.id_codes(["p10", "p3", "p7", "p3"])
+    assert codes == {"p10": (0,), "p3": (1,), "p7": (2,)}  # sorted, unique, one level
+    ids = LocationTokenizer.from_base(tok, LocationTokenizer.id_codes(table), level_prefixes=["loc"])
+    assert ids.level_prefixes == ["loc"] and ids.num_levels == 1 and ids.codebook_size == len(table)
+    assert len(ids) == len(tok) - NUM_LEVELS * CODEBOOK + len(table)  # the <a_i>... tokens are gone
+    assert ids.convert_tokens_to_ids("<a_1>") in (None, ids.unk_token_id)
+    first = sorted(table)[0]
+    assert ids.location_to_text(first) == "<loc_0>" and ids.tokenize("POI <loc_0>.")[-2:] == ["<loc_0>", "."]
+    assert ids.text_to_locations("at <loc_0> then <loc_5> and <a_1><b_2>") == [first, sorted(table)[5]]
+    assert ids.ids_to_locations(ids("x <loc_3>")["input_ids"]) == [sorted(table)[3]]
+    assert ids.build_trie() == {ids.convert_tokens_to_ids(f"<loc_{i}>"): {} for i in range(len(table))}
+    ids.save_pretrained(tmp_path / "ids")
+    saved = json.loads((tmp_path / "ids" / "location_codes.json").read_text())
+    assert saved["level_prefixes"] == ["loc"]
+    again = LocationTokenizer.from_pretrained(str(tmp_path / "ids"))
+    assert again.level_prefixes == ["loc"] and again("a <loc_7>")["input_ids"] == ids("a <loc_7>")["input_ids"]
+    # custom prefixes for several levels, and the checks on them
+    two = LocationTokenizer.from_base(tok, {"x": (1, 2), "y": (0, 3)}, level_prefixes=["zone", "poi"])
+    assert two.location_to_text("y") == "<zone_0><poi_3>" and two.text_to_locations("<zone_1> <poi_2>") == ["x"]
+    for bad, match in ((["a"], "2 levels"), (["a", "a"], "distinct"), (["A", "b"], "lower-case"),
+                       (["a", "b_c"], "lower-case"), ("ab", "list")):
+        with pytest.raises(ValueError, match=match):
+            LocationTokenizer.from_base(tok, {"x": (1, 2)}, level_prefixes=bad)

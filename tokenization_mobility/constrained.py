@@ -291,6 +291,16 @@ def _check_rank_args(prompts, num_beams, batch_size) -> None:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
 
 
+def _batches(total: int, batch_size: int, progress: bool):
+    """Batch start offsets, with a tqdm bar over the prompts when `progress`."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc="ranking locations", unit="prompt", disable=not progress) as bar:
+        for start in range(0, total, batch_size):
+            yield start
+            bar.update(min(batch_size, total - start))
+
+
 def rank_locations(
     model,
     tokenizer: LocationTokenizer,
@@ -298,6 +308,7 @@ def rank_locations(
     num_beams: int = 20,
     batch_size: int = 16,
     processor: str = "vectorised",
+    progress: bool = False,
     **generate_kwargs,
 ) -> list[list[str]]:
     r"""
@@ -322,6 +333,8 @@ def rank_locations(
         processor (`str`, *optional*, defaults to `"vectorised"`):
             `"vectorised"` ([`LocationCodeLogitsProcessor`]) or `"prefix_fn"` ([`make_prefix_allowed_tokens_fn`]);
             both give the same ranking.
+        progress (`bool`, *optional*, defaults to `False`):
+            Show a progress bar over the prompts.
         generate_kwargs (*optional*):
             Passed to `model.generate` (e.g. `length_penalty`); sampling is refused.
 
@@ -350,7 +363,7 @@ def rank_locations(
     device = model.device
     results: list[list[str]] = []
     try:
-        for start in range(0, len(prompts), batch_size):
+        for start in _batches(len(prompts), batch_size, progress):
             chunk = prompts[start : start + batch_size]
             batch = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left")
             input_ids = batch["input_ids"].to(device)
@@ -482,12 +495,18 @@ def _rank_batch_cached(model, tokenizer, tables: _CodePrefixTables, chunk: list[
 
 
 def rank_locations_cached(
-    model, tokenizer: LocationTokenizer, prompts: Sequence[str], num_beams: int = 20, batch_size: int = 16
+    model,
+    tokenizer: LocationTokenizer,
+    prompts: Sequence[str],
+    num_beams: int = 20,
+    batch_size: int = 16,
+    progress: bool = False,
 ) -> list[list[str]]:
     r"""
     Like [`rank_locations`], but with a beam search written for fixed-length location codes: each prompt is encoded
     once and its KV cache is expanded to the beams, instead of `generate` expanding the prompt per beam before the
     prefill (num_beams times the prompt compute). The ranking equals `rank_locations`' up to exact score ties.
+    `progress=True` shows a progress bar over the prompts.
 
     Returns:
         `list[list[str]]`: per prompt, distinct location ids ordered by the summed log-probability of code and EOS.
@@ -500,7 +519,7 @@ def rank_locations_cached(
     prompts = list(prompts)
     results: list[list[str]] = []
     try:
-        for start in range(0, len(prompts), batch_size):
+        for start in _batches(len(prompts), batch_size, progress):
             results.extend(_rank_batch_cached(model, tokenizer, tables, prompts[start : start + batch_size],
                                               num_beams, eos))
     finally:

@@ -30,15 +30,39 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 LOCATION_CODES_FILE = "location_codes.json"
-LEVEL_PREFIXES = string.ascii_lowercase  # one letter per code level: a, b, c, ..., z
+LEVEL_PREFIXES = string.ascii_lowercase  # default prefixes, one letter per code level: a, b, c, ..., z
 MAX_LEVELS = len(LEVEL_PREFIXES)
+ID_PREFIX = "loc"  # the one-level "plain ID" format of QT-Mob's ablation: <loc_0>, <loc_1>, ...
+_PREFIX = re.compile(r"^[a-z][a-z0-9]*$")
 _FORMAT_VERSION = 1
 
-__all__ = ["LOCATION_CODES_FILE", "LocationTokenizer", "build_bpe_tokenizer"]
+__all__ = ["ID_PREFIX", "LOCATION_CODES_FILE", "LocationTokenizer", "build_bpe_tokenizer"]
 
 
-def _code_token(level: int, code: int) -> str:
-    return f"<{LEVEL_PREFIXES[level]}_{code}>"
+def _code_token(level: int, code: int, prefixes: Sequence[str] = LEVEL_PREFIXES) -> str:
+    return f"<{prefixes[level]}_{code}>"
+
+
+def _normalize_prefixes(level_prefixes: Sequence[str] | None, num_levels: int) -> list[str]:
+    """One token prefix per level: the given ones (checked) or the default letters a, b, c, ..."""
+    if level_prefixes is None:
+        return list(LEVEL_PREFIXES[:num_levels])
+    if isinstance(level_prefixes, str) or not isinstance(level_prefixes, Sequence):
+        raise ValueError(f"`level_prefixes` must be a list of {num_levels} strings, got {level_prefixes!r}")
+    prefixes = list(level_prefixes)
+    if len(prefixes) != num_levels:
+        raise ValueError(
+            f"`level_prefixes` has {len(prefixes)} entries but the codes have {num_levels} levels: {prefixes}"
+        )
+    for prefix in prefixes:
+        if not isinstance(prefix, str) or not _PREFIX.match(prefix):
+            raise ValueError(
+                f"every level prefix must be lower-case letters/digits starting with a letter (e.g. 'a', 'loc'), "
+                f"got {prefix!r}"
+            )
+    if len(set(prefixes)) != len(prefixes):
+        raise ValueError(f"`level_prefixes` must be distinct, got {prefixes}")
+    return prefixes
 
 
 def _normalize_codebook_size(codebook_size: int | Sequence[int], num_levels: int) -> list[int]:
@@ -153,6 +177,10 @@ class LocationTokenizer(PreTrainedTokenizerFast):
         codebook_size (`int` or `list[int]`, *optional*):
             Number of codes per level (one int for all levels, or one per level). A token is added for every code of
             every level, used or not. Defaults to the largest code seen per level plus one.
+        level_prefixes (`list[str]`, *optional*):
+            Token prefix of each level (`<{prefix}_{code}>`): lower-case letters/digits, distinct. Defaults to one
+            letter per level (`a`, `b`, ...); QT-Mob's plain-ID ablation uses one level with prefix `"loc"`
+            (`<loc_0>`, `<loc_1>`, ...), see [`LocationTokenizer.id_codes`].
         location_codes_file (`str`, *optional*):
             Path of a `location_codes.json` written by [`~LocationTokenizer.save_pretrained`]; `from_pretrained`
             fills it in.
@@ -179,6 +207,7 @@ class LocationTokenizer(PreTrainedTokenizerFast):
         *args,
         location_codes: Mapping[Any, Sequence[int]] | None = None,
         codebook_size: int | Sequence[int] | None = None,
+        level_prefixes: Sequence[str] | None = None,
         location_codes_file: str | None = None,
         **kwargs,
     ):
@@ -189,8 +218,12 @@ class LocationTokenizer(PreTrainedTokenizerFast):
                     "LocationTokenizer needs `location_codes` (location id -> codes) or a `location_codes_file`; "
                     f"got neither (location_codes_file={location_codes_file!r})"
                 )
-            location_codes, codebook_size = self._read_location_codes_file(location_codes_file, codebook_size)
+            location_codes, codebook_size, level_prefixes = self._read_location_codes_file(
+                location_codes_file, codebook_size, level_prefixes
+            )
         table, num_levels, sizes = _validate_location_codes(location_codes, codebook_size)
+        prefixes = _normalize_prefixes(level_prefixes, num_levels)
+        self._prefixes = prefixes
         self._location_codes = table
         self._code_to_location = {codes: location_id for location_id, codes in table.items()}
         self._num_levels = num_levels
@@ -198,13 +231,13 @@ class LocationTokenizer(PreTrainedTokenizerFast):
         self._trie = None
 
         new_tokens = [
-            AddedToken(_code_token(level, code), normalized=False, special=False, lstrip=False, rstrip=False)
+            AddedToken(_code_token(level, code, prefixes), normalized=False, special=False, lstrip=False, rstrip=False)
             for level in range(num_levels)
             for code in range(sizes[level])
         ]
         self.add_tokens(new_tokens)
         self._code_token_ids = [
-            [self.convert_tokens_to_ids(_code_token(level, code)) for code in range(sizes[level])]
+            [self.convert_tokens_to_ids(_code_token(level, code, prefixes)) for code in range(sizes[level])]
             for level in range(num_levels)
         ]
         self._token_to_code: dict[int, tuple[int, int]] = {}
@@ -212,7 +245,7 @@ class LocationTokenizer(PreTrainedTokenizerFast):
             for code, token_id in enumerate(ids):
                 if token_id is None or token_id in self._token_to_code:
                     raise ValueError(
-                        f"code token {_code_token(level, code)!r} could not be given its own id ({token_id})"
+                        f"code token {_code_token(level, code, prefixes)!r} could not be given its own id ({token_id})"
                     )
                 self._token_to_code[token_id] = (level, code)
         special_ids = {i for i in self.all_special_ids if i is not None}
@@ -221,8 +254,7 @@ class LocationTokenizer(PreTrainedTokenizerFast):
             raise ValueError(
                 f"the base tokenizer already uses the code tokens {self.convert_ids_to_tokens(clash)} as special tokens"
             )
-        prefixes = "".join(LEVEL_PREFIXES[:num_levels])
-        group = r"\s*".join(rf"<{letter}_(\d+)>" for letter in prefixes)
+        group = r"\s*".join(rf"<{prefix}_(\d+)>" for prefix in prefixes)
         self._group_pattern = re.compile(group)
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -234,6 +266,7 @@ class LocationTokenizer(PreTrainedTokenizerFast):
         base_tokenizer: PreTrainedTokenizerFast,
         location_codes: Mapping[Any, Sequence[int]],
         codebook_size: int | Sequence[int] | None = None,
+        level_prefixes: Sequence[str] | None = None,
     ) -> LocationTokenizer:
         r"""
         Wrap a fast tokenizer and add the code tokens of `location_codes`.
@@ -249,6 +282,8 @@ class LocationTokenizer(PreTrainedTokenizerFast):
                 Location id -> one code per level (same number of levels for all, unique tuples, at most 26 levels).
             codebook_size (`int` or `list[int]`, *optional*):
                 Codes per level; defaults to the largest code seen per level plus one.
+            level_prefixes (`list[str]`, *optional*):
+                Token prefix per level (default `a`, `b`, ...; `["loc"]` for plain location-ID tokens).
 
         Returns:
             [`LocationTokenizer`]: the wrapped tokenizer.
@@ -259,16 +294,20 @@ class LocationTokenizer(PreTrainedTokenizerFast):
                 f"{type(base_tokenizer).__name__}"
             )
         # Validate before doing any file work so that errors are cheap and clear.
-        _validate_location_codes(location_codes, codebook_size)
+        _, num_levels, _ = _validate_location_codes(location_codes, codebook_size)
+        _normalize_prefixes(level_prefixes, num_levels)
         with tempfile.TemporaryDirectory(prefix="location_tokenizer_") as tmp:
             base_tokenizer.save_pretrained(tmp)
             stale = os.path.join(tmp, LOCATION_CODES_FILE)
             if os.path.exists(stale):
                 os.remove(stale)
+            if isinstance(base_tokenizer, LocationTokenizer):
+                base_tokenizer._drop_code_tokens(os.path.join(tmp, "tokenizer.json"))
             tokenizer = cls.from_pretrained(
                 tmp,
                 location_codes=location_codes,
                 codebook_size=codebook_size,
+                level_prefixes=level_prefixes,
                 padding_side=base_tokenizer.padding_side,
                 truncation_side=base_tokenizer.truncation_side,
                 model_max_length=base_tokenizer.model_max_length,
@@ -282,26 +321,43 @@ class LocationTokenizer(PreTrainedTokenizerFast):
             tokenizer.chat_template = base_tokenizer.chat_template
         return tokenizer
 
+    def _drop_code_tokens(self, tokenizer_file: str) -> None:
+        """Remove this tokenizer's code tokens from a saved `tokenizer.json`, so that `from_base(location_tokenizer,
+        other_codes)` re-codes the locations on the original base (e.g. semantic codes -> plain IDs)."""
+        with open(tokenizer_file, encoding="utf-8") as handle:
+            payload = json.load(handle)
+        codes = {token for level in self.code_tokens for token in level}
+        kept = [t for t in payload.get("added_tokens", []) if t.get("content") not in codes]
+        dropped = [t["id"] for t in payload.get("added_tokens", []) if t.get("content") in codes]
+        vocab = payload.get("model", {}).get("vocab", {})
+        top = max([t["id"] for t in kept] + [len(vocab) - 1 if isinstance(vocab, (dict, list)) else -1])
+        if dropped and min(dropped) <= top:
+            raise ValueError(
+                "cannot re-code this LocationTokenizer: its code tokens are not the last ids of its vocabulary (tokens "
+                "were added after them); build the new one from the original base tokenizer instead"
+            )
+        payload["added_tokens"] = kept
+        with open(tokenizer_file, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, ensure_ascii=False)
+
     @classmethod
     def convert_to_native_format(cls, trust_remote_code=False, **kwargs):
         # Always build the backend straight from `tokenizer.json` (the added code tokens live there).
         return super().convert_to_native_format(trust_remote_code=True, **kwargs)
 
     @staticmethod
-    def _read_location_codes_file(path: str, codebook_size: int | Sequence[int] | None):
+    def _read_location_codes_file(
+        path: str, codebook_size: int | Sequence[int] | None, level_prefixes: Sequence[str] | None
+    ):
         with open(path, encoding="utf-8") as handle:
             payload = json.load(handle)
         if not isinstance(payload, dict) or "location_codes" not in payload:
             raise ValueError(f"{path} is not a location code table (no `location_codes` key)")
-        prefixes = payload.get("level_prefixes")
-        num_levels = payload.get("num_levels")
-        if prefixes is not None and num_levels is not None and list(prefixes) != list(LEVEL_PREFIXES[:num_levels]):
-            raise ValueError(
-                f"{path} uses level prefixes {prefixes}, this version supports {list(LEVEL_PREFIXES[:num_levels])}"
-            )
         if codebook_size is None:
             codebook_size = payload.get("codebook_size")
-        return payload["location_codes"], codebook_size
+        if level_prefixes is None:
+            level_prefixes = payload.get("level_prefixes")
+        return payload["location_codes"], codebook_size, level_prefixes
 
     def _save_pretrained(
         self,
@@ -324,7 +380,7 @@ class LocationTokenizer(PreTrainedTokenizerFast):
             "format_version": _FORMAT_VERSION,
             "num_levels": self._num_levels,
             "codebook_size": self.codebook_size,
-            "level_prefixes": list(LEVEL_PREFIXES[: self._num_levels]),
+            "level_prefixes": list(self._prefixes),
             "token_format": "<{prefix}_{code}>",
             "num_locations": len(self._location_codes),
         }
@@ -341,6 +397,23 @@ class LocationTokenizer(PreTrainedTokenizerFast):
         with open(tmp_path, "w", encoding="utf-8") as handle:
             handle.write("\n".join(lines) + "\n")
         os.replace(tmp_path, path)
+
+    @staticmethod
+    def id_codes(location_ids: Iterable[Any]) -> dict[str, tuple[int]]:
+        """
+        The code table of QT-Mob's plain-ID ablation: one level, one code per location, in sorted id order.
+
+        Use it with `level_prefixes=[ID_PREFIX]` (`"loc"`), so location number 123 is the single token `<loc_123>`:
+
+        ```python
+        >>> codes = LocationTokenizer.id_codes(["p7", "p3"])
+        >>> tok = LocationTokenizer.from_base(base, codes, level_prefixes=["loc"])
+        >>> tok.location_to_text("p7")
+        '<loc_1>'
+        ```
+        """
+        ordered = sorted({str(location_id) for location_id in location_ids})
+        return {location_id: (index,) for index, location_id in enumerate(ordered)}
 
     # ------------------------------------------------------------------------------------------------------------------
     # the code table
@@ -366,6 +439,11 @@ class LocationTokenizer(PreTrainedTokenizerFast):
         return self._num_levels
 
     @property
+    def level_prefixes(self) -> list[str]:
+        """Token prefix of each level (`["a", "b", ...]`, or `["loc"]` for plain location-ID tokens)."""
+        return list(self._prefixes)
+
+    @property
     def codebook_size(self) -> int | list[int]:
         """Codes per level: an int when every level has the same size, else one int per level."""
         sizes = self._codebook_sizes
@@ -379,7 +457,10 @@ class LocationTokenizer(PreTrainedTokenizerFast):
     @property
     def code_tokens(self) -> list[list[str]]:
         """The code token strings, `[num_levels][codebook_size]`."""
-        return [[_code_token(level, code) for code in range(size)] for level, size in enumerate(self._codebook_sizes)]
+        return [
+            [_code_token(level, code, self._prefixes) for code in range(size)]
+            for level, size in enumerate(self._codebook_sizes)
+        ]
 
     @property
     def code_token_ids(self) -> list[list[int]]:
@@ -406,7 +487,8 @@ class LocationTokenizer(PreTrainedTokenizerFast):
 
     def location_to_text(self, location_id: str) -> str:
         """Return the code tokens of `location_id` as text, e.g. `"<a_3><b_17><c_0><d_5>"`."""
-        return "".join(_code_token(level, code) for level, code in enumerate(self.location_to_codes(location_id)))
+        codes = self.location_to_codes(location_id)
+        return "".join(_code_token(level, code, self._prefixes) for level, code in enumerate(codes))
 
     def locations_to_text(self, location_ids: Iterable[str]) -> list[str]:
         """Batch version of [`~LocationTokenizer.location_to_text`]: one code string per location id."""

@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--format", dest="fmt", choices=["prompt_completion", "chat"], default="prompt_completion",
                      help="TRL prompt-completion strings (default) or conversational messages")
     ins.add_argument("--max-history", type=int, default=20, help="most recent visits shown per sample (default 20)")
+    ins.add_argument("--location-format", choices=["semantic", "id"], default="semantic",
+                     help="semantic: the tokenizer's code tokens (<a_3><b_17>...; default); id: QT-Mob's ablation, one "
+                     "plain <loc_N> token per location of the same tokenizer")
     ins.add_argument("--seed", type=int, default=0, help="seed of templates and recovery masks (default 0)")
 
     ev = sub.add_parser(
@@ -219,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic cities (default 0)")
     demo.add_argument("--users", type=int, default=None, help="users per city (default: the synthesiser's)")
+    demo.add_argument("--sft-steps", type=int, default=None,
+                      help="QT-Mob: optimiser steps per fine-tuning run (default: the demo recipe's)")
+    demo.add_argument("--eval-samples", type=int, default=500,
+                      help="QT-Mob: test samples the fine-tuned models are scored on (default 500; 0 = all)")
+    demo.add_argument("--no-qtmob", action="store_true", help="skip the QT-Mob fine-tuning (data, baselines and the "
+                      "location tokenizer only, seconds)")
     return parser
 
 
@@ -328,7 +337,7 @@ def _instructions(args) -> None:
     tok_dir = args.tokenizer / "tokenizer" if (args.tokenizer / "tokenizer").is_dir() else args.tokenizer
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     result = run_instructions_cli(args.data, tok_dir, tasks, args.out, fmt=args.fmt, max_history=args.max_history,
-                                  seed=args.seed)
+                                  seed=args.seed, location_format=args.location_format)
     print("Row account:\n")
     print(result.account.to_markdown())
     sizes = "; ".join(f"{task}: " + ", ".join(f"{split} {len(ds):,}" for split, ds in dd.items())
@@ -350,7 +359,7 @@ def _evaluate(args) -> None:
     if args.run_dir is not None:
         report = evaluate_run(args.run_dir, args.data, split=args.split, num_beams=args.num_beams,
                               batch_size=args.batch_size, instructions=args.instructions, max_samples=args.max_samples,
-                              decoder=args.decoder)
+                              decoder=args.decoder, progress=not args.quiet)
         print(f"{args.run_dir} beside the baselines on {args.data} ({args.split} split, {args.num_beams} beams):\n")
         print(format_results_table(report))
         if args.out is not None:
@@ -368,7 +377,12 @@ def _evaluate(args) -> None:
 def _demo(args) -> None:
     from .demo import run_demo
 
-    report = run_demo(args.out, seed=args.seed, num_users=args.users)
+    for name in ("sft_steps", "eval_samples"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "sft_steps" else 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {1 if name == 'sft_steps' else 0}, got {value}")
+    report = run_demo(args.out, seed=args.seed, num_users=args.users, qtmob=not args.no_qtmob,
+                      sft_steps=args.sft_steps, eval_samples=args.eval_samples or None)
     print(report.read_text(encoding="utf-8"))
     print(f"\nreport: {report}")
 

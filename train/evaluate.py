@@ -179,6 +179,7 @@ def evaluate_run(
     instructions: str | os.PathLike | None = None,
     max_samples: int | None = None,
     decoder: str = "cached",
+    progress: bool = True,
 ) -> dict:
     """Score a fine-tuned QT-Mob run on the next-location samples of ``split``, with the baselines beside it.
 
@@ -208,6 +209,8 @@ def evaluate_run(
     if not info_file.exists():
         raise FileNotFoundError(f"{run} is not a training run (no run_info.json); train one with `mobility train sft`")
     info = json.loads(info_file.read_text(encoding="utf-8"))
+    if instructions is None and (run / "instructions" / "README.md").is_file():
+        instructions = run / "instructions"  # the run's own copy of its instruction dataset
     instructions = instructions or info.get("instructions")
     if not instructions:
         raise ValueError(f"{info_file} names no instruction dataset; pass --instructions")
@@ -222,10 +225,10 @@ def evaluate_run(
     with torch.inference_mode():
         if decoder == "cached":
             ranked = tokenization_mobility.rank_locations_cached(model, tokenizer, prompts, num_beams=num_beams,
-                                                                 batch_size=batch_size)
+                                                                 batch_size=batch_size, progress=progress)
         else:
             ranked = tokenization_mobility.rank_locations(model, tokenizer, prompts, num_beams=num_beams,
-                                                          batch_size=batch_size, processor=decoder)
+                                                          batch_size=batch_size, processor=decoder, progress=progress)
     topk = np.full((len(ranked), num_beams), None, dtype=object)
     for i, locs in enumerate(ranked):
         topk[i, : len(locs)] = locs
@@ -242,4 +245,13 @@ def evaluate_run(
     report["results"] = {name: model_res, **report["results"]}
     report.update(run=str(run), num_beams=num_beams, instructions=str(instructions), decoder=decoder)
     write_json_atomic(report, run / "metrics.json")
+    if (run / "README.md").is_file():  # refresh the run's model card with the metrics table
+        from .push import _find_rqvae, build_model_card
+
+        recipe = (run / "recipe.yaml").read_text(encoding="utf-8") if (run / "recipe.yaml").is_file() else None
+        card = build_model_card(info, metrics=report, recipe=recipe, has_rqvae=_find_rqvae(info, run) is not None,
+                                run_dir=run)
+        tmp = run / ".README.md.tmp"
+        tmp.write_text(card, encoding="utf-8")
+        os.replace(tmp, run / "README.md")
     return report

@@ -61,6 +61,8 @@ _HEADERS = {"acc@1": "Acc@1", "acc@5": "Acc@5", "acc@10": "Acc@10", "acc@20": "A
 _NAME_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _REPO_ID = re.compile(rf"^{_NAME_PART}/{_NAME_PART}$")
 _IGNORED_FILES = {"README.md", ".gitattributes", ".DS_Store"}
+_TASK_NAMES = {"next": "next-location prediction", "recovery": "mobility recovery", "alignment": "location alignment",
+               "translation": "trajectory translation"}
 
 
 def validate_repo_id(repo_id: Any, name: str = "repo_id") -> str:
@@ -114,7 +116,11 @@ def _never_uploaded(name: str) -> bool:
     return name.startswith("checkpoint-") or name in ("adapter", "base_model", "__pycache__")
 
 
-def _find_rqvae(info: dict) -> Path | None:
+def _find_rqvae(info: dict, run: Path | None = None) -> Path | None:
+    if run is not None and (run / "rqvae" / "config.json").is_file():  # the run's own copy (`mobility train sft`)
+        return run / "rqvae"
+    if info.get("location_format") == "id":
+        return None
     loctok = info.get("location_tokenizer")
     if not loctok:
         return None
@@ -128,7 +134,9 @@ def _find_rqvae(info: dict) -> Path | None:
     return None
 
 
-def _find_instructions(info: dict) -> Path | None:
+def _find_instructions(info: dict, run: Path | None = None) -> Path | None:
+    if run is not None and (run / "instructions" / "README.md").is_file():  # the run's own copy
+        return run / "instructions"
     path = info.get("instructions")
     if not path:
         return None
@@ -179,8 +187,13 @@ def build_model_card(
     recipe: str | None = None,
     dataset_repo_id: str | None = None,
     has_rqvae: bool = False,
+    run_dir: str | os.PathLike | None = None,
 ) -> str:
-    """The model card (``README.md``) of a staged run: YAML metadata then Markdown."""
+    """The model card (``README.md``) of a staged run: YAML metadata then Markdown.
+
+    With ``run_dir`` the card describes the run folder itself (``model/``, ``tokenizer/``, ``rqvae/`` and
+    ``instructions/`` subfolders) instead of the flat layout of the Hub repo.
+    """
     from huggingface_hub import ModelCardData
 
     base_model = _hub_base_model(info)
@@ -193,13 +206,19 @@ def build_model_card(
     )
     ref = repo_id or "path/to/this/folder"
     parts = [f"---\n{card_data.to_yaml()}\n---", ""]
+    if info.get("location_format") == "id":
+        how = ("every location is written as one plain ID token (`<loc_123>`; QT-Mob's ablation without semantic "
+               "codes)")
+    else:
+        how = ("every location is written as a short sequence of semantic code tokens (`<a_3><b_17>...`) learned by "
+               "an RQ-VAE over location descriptions")
+    tasks = ", ".join(_TASK_NAMES.get(t, t) for t in info.get("tasks") or ("next", "recovery", "alignment"))
     parts += [
         f"# {repo_id.split('/')[-1] if repo_id else 'QT-Mob model'}",
         "",
         "A causal language model fine-tuned with the `hf-mobility` library following QT-Mob "
-        "([arXiv 2506.11109](https://arxiv.org/abs/2506.11109)): every location is written as a short sequence of "
-        "semantic code tokens (`<a_3><b_17>...`) learned by an RQ-VAE over location descriptions, and the model is "
-        "instruction-tuned on next-location prediction, mobility recovery and location alignment.",
+        f"([arXiv 2506.11109](https://arxiv.org/abs/2506.11109)): {how}, and the model is instruction-tuned on "
+        f"{tasks}.",
         "",
     ]
     facts = []
@@ -226,20 +245,30 @@ def build_model_card(
     else:
         parts += ["No evaluation was run for this model (`mobility evaluate RUN --data DATA` writes one).", ""]
 
+    if run_dir is not None:
+        ref = Path(run_dir).as_posix()
+        model_ref, tok_ref = f"{ref}/model", f"{ref}/tokenizer"
+        rqvae_args = f'"{ref}/rqvae"'
+    else:
+        model_ref = tok_ref = ref
+        rqvae_args = f'"{ref}", subfolder="rqvae"'
     load = [
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'model = AutoModelForCausalLM.from_pretrained("{ref}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{ref}", trust_remote_code=True)  # LocationTokenizer',
+        f'model = AutoModelForCausalLM.from_pretrained("{model_ref}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{tok_ref}", trust_remote_code=True)  # LocationTokenizer',
     ]
     if has_rqvae:
         load += [
             "",
             "from transformers import AutoModel",
             "",
-            f'rqvae = AutoModel.from_pretrained("{ref}", subfolder="rqvae", trust_remote_code=True)  # RQ-VAE',
+            f"rqvae = AutoModel.from_pretrained({rqvae_args}, trust_remote_code=True)  # RQ-VAE",
         ]
+    if run_dir is not None:
+        load += ["", "from datasets import load_dataset", "",
+                 f'instructions = load_dataset("{ref}/instructions", "next")  # the instruction sets it was trained on']
     load += ["```"]
     parts += [
         "## How to use",
@@ -264,7 +293,7 @@ def _stage_model(run: Path, info: dict, out: Path, *, repo_id: str | None, datas
         _copy_files(tokenizer_dir, out)  # tokenizer files win over any copy saved with the model
     else:
         logger.warning("%s has no tokenizer/ folder; the model repo carries only the tokenizer files in model/", run)
-    rqvae = _find_rqvae(info)
+    rqvae = _find_rqvae(info, run)
     if rqvae is not None:
         (out / "rqvae").mkdir(exist_ok=True)
         _copy_files(rqvae, out / "rqvae")
@@ -309,7 +338,7 @@ def stage_run(
         if any(name not in STAGED_NAMES for name in entries):
             raise ValueError(f"`staging_dir` {str(staging)!r} holds files other than {STAGED_NAMES}; refusing to "
                              "replace it")
-    instructions = _find_instructions(info)
+    instructions = _find_instructions(info, run)
     if instructions is not None and dataset_repo_id is None and repo_id is not None:
         dataset_repo_id = f"{repo_id}-instructions"
 
@@ -387,8 +416,8 @@ def push_run(
         validate_repo_id(dataset_repo_id, "dataset_repo_id")
     if not isinstance(commit_message, str) or not commit_message.strip():
         raise ValueError(f"`commit_message` must be a non-empty string, got {commit_message!r}")
-    _, info = _check_run(run_dir)
-    instructions_id = (dataset_repo_id or f"{repo_id}-instructions") if _find_instructions(info) else None
+    run, info = _check_run(run_dir)
+    instructions_id = (dataset_repo_id or f"{repo_id}-instructions") if _find_instructions(info, run) else None
     if api is None:
         from huggingface_hub import HfApi
 

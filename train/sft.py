@@ -65,7 +65,7 @@ logger = logging.getLogger(__name__)
 TINY_LLAMA = "tiny-llama"
 TASKS = ("next", "recovery", "alignment", "translation")
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_CODE_TOKEN = re.compile(r"<[a-z]_\d+>")
+_CODE_TOKEN = re.compile(r"<[a-z][a-z0-9]*_\d+>")
 
 
 @dataclass
@@ -79,9 +79,10 @@ class SFTRecipe:
             `prompt`/`completion` columns and train/validation/test splits.
         tasks (`list[str]`, *optional*, defaults to `["next", "recovery", "alignment"]`):
             Task configs whose train splits are concatenated (and shuffled with `seed`).
-        location_tokenizer (`str`):
+        location_tokenizer (`str`, *optional*):
             Folder of the `LocationTokenizer` (or the output folder of `mobility train location-tokenizer`, which holds
-            it in `tokenizer/`); gives the location -> code table.
+            it in `tokenizer/`); gives the location -> code table. Defaults to the tokenizer the instruction dataset
+            was written with (`INSTRUCTIONS/location_tokenizer/`, semantic codes or plain IDs).
         base_model (`str`, *optional*, defaults to `"tiny-llama"`):
             `"tiny-llama"` for a tiny Llama built in code and trained from scratch, else a model folder or Hub id.
         base_tokenizer (`str`, *optional*):
@@ -101,8 +102,13 @@ class SFTRecipe:
             `bf16`.
         trust_remote_code (`bool`, *optional*, defaults to `False`):
             Passed to `from_pretrained` of the base model and tokenizer.
+        completion_only_loss (`bool`, *optional*, defaults to `True`):
+            Loss on the completion tokens only (QT-Mob's instruction tuning). `False` trains on the whole text, which
+            for a model trained from scratch is language modelling of the trajectories: every visit line of a prompt
+            is then a next-visit example too, about 20x more supervision per row (the demo recipe does this).
         max_train_samples (`int`, *optional*), eval_samples (`int`, *optional*, defaults to 256):
-            Cap on the training rows (after shuffling) and size of the evaluation slice of the validation split of
+            Cap on the training rows (after shuffling; with `max_steps` > 0 the rows those steps can consume are a cap
+            too, so no row is tokenised for nothing) and size of the evaluation slice of the validation split of
             "next" (or of the first task); `eval_samples=0` turns evaluation off.
         learning_rate ... bf16:
             The `SFTConfig`/`TrainingArguments` fields of the same names (`warmup_ratio` becomes a fractional
@@ -125,6 +131,7 @@ class SFTRecipe:
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
     model_dtype: str = "float32"
     trust_remote_code: bool = False
+    completion_only_loss: bool = True
     max_train_samples: int | None = None
     eval_samples: int = 256
     learning_rate: float = 2e-4
@@ -271,7 +278,7 @@ def parse_recipe(argv: list[str] | None = None) -> SFTRecipe:
 # data, tokenizer and model
 
 
-def _load_instructions(recipe: SFTRecipe):
+def _load_instructions(recipe: SFTRecipe, num_processes: int = 1):
     from datasets import concatenate_datasets, load_dataset
 
     if not recipe.instructions:
@@ -292,8 +299,15 @@ def _load_instructions(recipe: SFTRecipe):
         parts.append(ds["train"].select_columns(["prompt", "completion"]))
         counts[task] = ds["train"].num_rows
     train = concatenate_datasets(parts).shuffle(seed=recipe.seed)
-    if recipe.max_train_samples is not None:
-        train = train.select(range(min(recipe.max_train_samples, train.num_rows)))
+    cap = recipe.max_train_samples
+    if recipe.max_steps > 0:  # rows beyond what max_steps can consume would only be tokenised for nothing
+        needed = (recipe.max_steps * recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps
+                  * num_processes)
+        cap = needed if cap is None else min(cap, needed)
+    if cap is not None and cap < train.num_rows:
+        logger.info("using the first %d of %d shuffled training rows (max_train_samples/max_steps)", cap,
+                    train.num_rows)
+        train = train.select(range(cap))
 
     eval_ds = None
     if recipe.eval_samples > 0:
@@ -307,9 +321,17 @@ def _load_instructions(recipe: SFTRecipe):
     return train, eval_ds, counts
 
 
-def _location_tokenizer_dir(path: str) -> Path:
+def _location_tokenizer_dir(path: str | None, instructions: str | None = None) -> Path:
+    from dataset_builders.instructions.qtmob import TOKENIZER_DIR
     from tokenization_mobility.tokenization_location import LOCATION_CODES_FILE
 
+    if not path:
+        if instructions and (Path(instructions) / TOKENIZER_DIR / LOCATION_CODES_FILE).is_file():
+            return Path(instructions) / TOKENIZER_DIR
+        raise ValueError(
+            "`location_tokenizer` is not set and the instruction dataset holds no location_tokenizer/ folder; pass "
+            "the folder of the LocationTokenizer the instructions were written with"
+        )
     folder = Path(path)
     for candidate in (folder, folder / "tokenizer"):
         if (candidate / LOCATION_CODES_FILE).is_file():
@@ -326,9 +348,19 @@ def _build_tokenizer(recipe: SFTRecipe, train_dataset):
 
     from tokenization_mobility import LocationTokenizer, build_bpe_tokenizer
 
-    if not recipe.location_tokenizer:
-        raise ValueError("`location_tokenizer` (folder of the LocationTokenizer) must be set, got None")
-    codes = LocationTokenizer.from_pretrained(str(_location_tokenizer_dir(recipe.location_tokenizer)))
+    codes_dir = _location_tokenizer_dir(recipe.location_tokenizer, recipe.instructions)
+    codes = LocationTokenizer.from_pretrained(str(codes_dir))
+    from dataset_builders.instructions.qtmob import TOKENIZER_DIR
+
+    written_dir = Path(recipe.instructions) / TOKENIZER_DIR
+    if written_dir.is_dir() and written_dir.resolve() != codes_dir.resolve():
+        written = LocationTokenizer.from_pretrained(str(written_dir))
+        if written.level_prefixes != codes.level_prefixes or dict(written.location_codes) != dict(codes.location_codes):
+            raise ValueError(
+                f"`location_tokenizer` {codes_dir} does not hold the location codes the instructions were written with "
+                f"({written_dir}, tokens like {written.location_to_text(written.location_ids[0])}); leave "
+                "`location_tokenizer` unset to use those"
+            )
     if recipe.base_tokenizer:
         base = AutoTokenizer.from_pretrained(recipe.base_tokenizer, trust_remote_code=recipe.trust_remote_code)
     elif recipe.is_tiny:
@@ -341,7 +373,8 @@ def _build_tokenizer(recipe: SFTRecipe, train_dataset):
         base = build_bpe_tokenizer(corpus(), vocab_size=recipe.bpe_vocab_size)
     else:
         base = AutoTokenizer.from_pretrained(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
-    tokenizer = LocationTokenizer.from_base(base, dict(codes.location_codes), codebook_size=codes.codebook_size)
+    tokenizer = LocationTokenizer.from_base(base, dict(codes.location_codes), codebook_size=codes.codebook_size,
+                                            level_prefixes=codes.level_prefixes)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -446,7 +479,7 @@ def _resolve_checkpoint(recipe: SFTRecipe) -> str | None:
 # run folder
 
 
-def _plot_training_curve(log_history: list[dict], path: Path) -> None:
+def _plot_training_curve(log_history: list[dict], path: Path, completion_only: bool = True, title: str = "") -> None:
     from .plots import pyplot, save_figure
 
     plt = pyplot()
@@ -458,8 +491,10 @@ def _plot_training_curve(log_history: list[dict], path: Path) -> None:
     if evals:
         ax.plot(*zip(*evals), marker="o", label="eval loss (next, validation slice)")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (completion tokens)")
-    ax.set_title("QT-Mob SFT")
+    ax.set_ylabel("loss (completion tokens)" if completion_only else "loss (all tokens)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(f"QT-Mob SFT{': ' + title if title else ''}")
     if train or evals:
         ax.legend(fontsize=8)
     save_figure(fig, path)
@@ -469,6 +504,61 @@ def _write_json(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # a hard link costs nothing and cannot drift: the files are written once, never modified
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _copy_folder(src: Path, dst: Path) -> None:
+    """Replace ``dst`` with a copy of ``src`` (hard links where possible), atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+
+
+def _find_rqvae(recipe: SFTRecipe, loctok_dir: Path) -> Path | None:
+    """The RQ-VAE that produced the semantic codes: beside the location tokenizer (`mobility train location-tokenizer`
+    writes OUT/tokenizer and OUT/rqvae) or beside the tokenizer the instruction dataset names."""
+    from dataset_builders.publish import METADATA_FILE
+
+    candidates = [loctok_dir, loctok_dir.parent]
+    meta_file = Path(recipe.instructions) / METADATA_FILE
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        if meta.get("location_format") == "id":
+            return None
+        if meta.get("tokenizer"):
+            candidates += [Path(meta["tokenizer"]), Path(meta["tokenizer"]).parent]
+    for folder in candidates:
+        if (folder / "rqvae" / "config.json").is_file():
+            return folder / "rqvae"
+    return None
+
+
+def _collect_artifacts(recipe: SFTRecipe, out: Path, info: dict) -> None:
+    """Make the run folder self-contained: its instruction dataset, the RQ-VAE and a model card."""
+    from .push import build_model_card
+
+    _copy_folder(Path(recipe.instructions), out / "instructions")
+    rqvae = None if info.get("location_format") == "id" else _find_rqvae(recipe, Path(info["location_tokenizer"]))
+    if rqvae is not None:
+        _copy_folder(rqvae, out / "rqvae")
+    elif info.get("location_format") != "id":
+        logger.warning("no RQ-VAE found beside the location tokenizer %s; the run folder will lack rqvae/",
+                       info["location_tokenizer"])
+    recipe_text = (out / "recipe.yaml").read_text(encoding="utf-8")
+    card = build_model_card(info, recipe=recipe_text, has_rqvae=rqvae is not None, run_dir=out)
+    tmp = out / ".README.md.tmp"
+    tmp.write_text(card, encoding="utf-8")
+    os.replace(tmp, out / "README.md")
 
 
 def _save_merged_model(recipe: SFTRecipe, trainer, out: Path) -> None:
@@ -499,6 +589,18 @@ def _save_merged_model(recipe: SFTRecipe, trainer, out: Path) -> None:
         stale.unlink()
 
 
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def _checkpointing_kwargs(config_class, enabled: bool) -> dict[str, bool]:
+    """Newer transformers renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns)."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
 def run_sft(recipe: SFTRecipe) -> Path:
     """Fine-tune a causal LM on the instruction sets of `recipe` and write the run folder (see the module docstring).
 
@@ -513,12 +615,13 @@ def run_sft(recipe: SFTRecipe) -> Path:
     from trl import SFTConfig, SFTTrainer
 
     from tokenization_mobility import LocationTokenizer
+    from tokenization_mobility.tokenization_location import ID_PREFIX
 
     state = PartialState()
     out = Path(recipe.output_dir)
     checkpoint = _resolve_checkpoint(recipe)
     set_seed(recipe.seed)
-    train_ds, eval_ds, counts = _load_instructions(recipe)
+    train_ds, eval_ds, counts = _load_instructions(recipe, state.num_processes)
     logger.info("training rows per task: %s (total %d)", counts, train_ds.num_rows)
 
     # The main process builds the tokenizer (and the resized base) and saves them; the other processes load the saved
@@ -555,7 +658,7 @@ def run_sft(recipe: SFTRecipe) -> Path:
     args = SFTConfig(
         output_dir=str(out),
         max_length=recipe.max_length,
-        completion_only_loss=True,
+        completion_only_loss=recipe.completion_only_loss,
         packing=False,
         loss_type="nll",
         report_to="none",
@@ -565,7 +668,7 @@ def run_sft(recipe: SFTRecipe) -> Path:
         per_device_train_batch_size=recipe.per_device_train_batch_size,
         per_device_eval_batch_size=recipe.per_device_eval_batch_size,
         gradient_accumulation_steps=recipe.gradient_accumulation_steps,
-        gradient_checkpointing=recipe.gradient_checkpointing,
+        **_checkpointing_kwargs(SFTConfig, recipe.gradient_checkpointing),
         lr_scheduler_type=recipe.lr_scheduler_type,
         warmup_steps=recipe.warmup_ratio,  # a value < 1 is a fraction of the training steps
         weight_decay=recipe.weight_decay,
@@ -579,6 +682,7 @@ def run_sft(recipe: SFTRecipe) -> Path:
         bf16=recipe.bf16,
         fp16=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=_has_accelerator(),  # pinning without a GPU only warns
     )
     trainer = SFTTrainer(
         model=model,
@@ -596,13 +700,17 @@ def run_sft(recipe: SFTRecipe) -> Path:
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in trainer.model.parameters())
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
-        _plot_training_curve(trainer.state.log_history, out / "training_curve.png")
+        _plot_training_curve(trainer.state.log_history, out / "training_curve.png", recipe.completion_only_loss,
+                             title=out.resolve().name)
         num_tokens = max((e.get("num_tokens", 0) for e in trainer.state.log_history), default=0)
+        loctok_dir = _location_tokenizer_dir(recipe.location_tokenizer, recipe.instructions)
         info = {
             "method": "qtmob-sft",
+            "name": out.resolve().name,  # the model's name in metric tables and cards
             "tasks": list(recipe.tasks),
             "instructions": str(Path(recipe.instructions).resolve()),
-            "location_tokenizer": str(_location_tokenizer_dir(recipe.location_tokenizer).resolve()),
+            "location_tokenizer": str(loctok_dir.resolve()),
+            "location_format": "id" if tokenizer.level_prefixes == [ID_PREFIX] else "semantic",
             "base_model": recipe.base_model,
             "peft": "lora" if recipe.use_peft else None,
             "train_rows_per_task": counts,
@@ -617,6 +725,7 @@ def run_sft(recipe: SFTRecipe) -> Path:
             "metrics": {},  # filled by `mobility evaluate`
         }
         _write_json(info, out / "run_info.json")
+        _collect_artifacts(recipe, out, info)
         logger.info("wrote run folder %s", out)
     state.wait_for_everyone()
     return out

@@ -67,6 +67,11 @@ DEFAULT_SYSTEM_PROMPT = (
     "You are an assistant that predicts human mobility in a city. Every POI is written as a short sequence of code "
     "tokens, one per level, that encodes where the place is and what kind of place it is."
 )
+ID_SYSTEM_PROMPT = (
+    "You are an assistant that predicts human mobility in a city. Every POI is written as one ID token, like <loc_12>."
+)
+LOCATION_FORMATS = ("semantic", "id")
+TOKENIZER_DIR = "location_tokenizer"  # where an instruction dataset keeps the LocationTokenizer its prompts use
 MASK, UNKNOWN = "[MASK]", "[UNKNOWN]"
 
 # Templates (our own wording). Fields: {profile} (empty or one line ending in "\n"), {user}, {history}/{trajectory}
@@ -135,6 +140,10 @@ class QTMobInstructionConfig:
             Seed of the template choice and of the recovery masks.
         format (`str`, *optional*, defaults to `"prompt_completion"`):
             ``"prompt_completion"`` (plain strings) or ``"chat"`` (TRL conversational prompt-completion messages).
+        location_format (`str`, *optional*, defaults to `"semantic"`):
+            ``"semantic"``: locations are written with the tokenizer's semantic codes (``<a_3><b_17>...``); ``"id"``:
+            QT-Mob's ablation, one plain ID token per location of the same tokenizer (``<loc_123>``, see
+            `LocationTokenizer.id_codes`), with a system prompt that says so.
         system_prompt (`str`, *optional*):
             First chat message, or text put before every plain prompt (followed by a blank line). Empty: none.
         profile_top_k (`int`, *optional*, defaults to 3):
@@ -151,6 +160,7 @@ class QTMobInstructionConfig:
     num_templates: int | None = None
     seed: int = 0
     format: str = "prompt_completion"
+    location_format: str = "semantic"
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     profile_top_k: int = 3
     batch_size: int = 10_000
@@ -167,6 +177,12 @@ class QTMobInstructionConfig:
             raise ValueError(f"tasks={list(self.tasks)!r} repeats a task")
         if self.format not in FORMATS:
             raise ValueError(f"format={self.format!r} is not allowed; choose one of {list(FORMATS)}")
+        if self.location_format not in LOCATION_FORMATS:
+            raise ValueError(
+                f"location_format={self.location_format!r} is not allowed; choose one of {list(LOCATION_FORMATS)}"
+            )
+        if self.location_format == "id" and self.system_prompt == DEFAULT_SYSTEM_PROMPT:
+            self.system_prompt = ID_SYSTEM_PROMPT
         for name, minimum in (("max_history", 1), ("profile_top_k", 0), ("batch_size", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
@@ -200,12 +216,15 @@ class QTMobInstructions:
         account (`RowAccount`): per task and split, samples (or locations) in, pairs kept, rows dropped per reason.
         config (`QTMobInstructionConfig`): the configuration used.
         metadata (`dict`): source dataset, tokenizer and counts, written beside the published card.
+        tokenizer (`LocationTokenizer`, *optional*): the tokenizer the locations were written with (the plain-ID
+            re-coding for ``location_format="id"``); published in ``location_tokenizer/`` of the dataset folder.
     """
 
     datasets: dict[str, datasets.DatasetDict]
     account: RowAccount
     config: QTMobInstructionConfig = field(default_factory=QTMobInstructionConfig)
     metadata: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Any = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -677,6 +696,12 @@ def build_qtmob_instructions(
     if not hasattr(tokenizer, "location_to_text") or not list(getattr(tokenizer, "location_ids", [])):
         raise ValueError(f"tokenizer={type(tokenizer).__name__} is not allowed; expected a LocationTokenizer with "
                          "location codes")
+    if config.location_format == "id":
+        from tokenization_mobility.tokenization_location import ID_PREFIX
+
+        tokenizer = type(tokenizer).from_base(
+            tokenizer, tokenizer.id_codes(tokenizer.location_ids), level_prefixes=[ID_PREFIX]
+        )
     ctx = _Context(tokenizer, prepared.metadata.get("day0_weekday", 3), config)
     splits = [s for s in ("train", "validation", "test") if s in prepared.splits("samples")]
     splits += [s for s in prepared.splits("samples") if s not in splits]
@@ -708,11 +733,12 @@ def build_qtmob_instructions(
         "kind": "qtmob_instructions",
         "source": str(prepared.path),
         "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
+        "location_format": config.location_format,
         "num_locations_with_codes": len(ctx.location_ids),
         "day0_weekday": ctx.day0_weekday,
         "rows": {task: {split: ds.num_rows for split, ds in dd.items()} for task, dd in result.items()},
     }
-    return QTMobInstructions(datasets=result, account=account, config=config, metadata=metadata)
+    return QTMobInstructions(datasets=result, account=account, config=config, metadata=metadata, tokenizer=tokenizer)
 
 
 def _card(result: QTMobInstructions) -> str:
@@ -727,6 +753,11 @@ def _card(result: QTMobInstructions) -> str:
         f"location tokenizer `{result.metadata.get('tokenizer', '')}`: TRL "
         + ("conversational prompt-completion rows (`prompt` = system + user messages, `completion` = assistant)."
            if cfg.format == "chat" else "prompt-completion rows (`prompt`, `completion` strings)."),
+        "",
+        ("Locations are written as plain ID tokens (`<loc_N>`, QT-Mob's ablation). " if cfg.location_format == "id"
+         else "Locations are written as semantic code tokens (`<a_3><b_17>...`). ")
+        + f"The LocationTokenizer that writes and parses them is in `{TOKENIZER_DIR}/` "
+        f"(`AutoTokenizer.from_pretrained(path + '/{TOKENIZER_DIR}', trust_remote_code=True)`).",
         "",
         "Load a task with `datasets.load_dataset(path, '<task>')`. Columns: `prompt`, `completion`, `task`, "
         "`template_id`, `user_id`, `sample_id` (the prepared sample; -1 for alignment), `target_location_id` (the "
@@ -770,8 +801,13 @@ def write_qtmob_instructions(result: QTMobInstructions, out_dir: str | os.PathLi
         "templates": {k: result.config.templates(k) for k in QTMOB_TEMPLATES},
         "row_account": result.account.to_dict(),
     }
+
+    def save_tokenizer(folder: Path) -> None:
+        if result.tokenizer is not None and hasattr(result.tokenizer, "save_pretrained"):
+            result.tokenizer.save_pretrained(folder / TOKENIZER_DIR)
+
     return write_dataset(out_dir, configs, card_body=_card(result), metadata=metadata,
-                         pretty_name="QT-Mob instruction dataset")
+                         pretty_name="QT-Mob instruction dataset", extras=save_tokenizer)
 
 
 def run_instructions_cli(
@@ -782,6 +818,7 @@ def run_instructions_cli(
     fmt: str = "prompt_completion",
     max_history: int = 20,
     seed: int = 0,
+    location_format: str = "semantic",
 ) -> QTMobInstructions:
     """Entry point of `mobility data instructions`: load the LocationTokenizer, build the tasks and publish them.
 
@@ -791,7 +828,8 @@ def run_instructions_cli(
     from tokenization_mobility import LocationTokenizer
 
     tokenizer = LocationTokenizer.from_pretrained(str(tokenizer_dir))
-    config = QTMobInstructionConfig(tasks=tuple(tasks), format=fmt, max_history=max_history, seed=seed)
+    config = QTMobInstructionConfig(tasks=tuple(tasks), format=fmt, max_history=max_history, seed=seed,
+                                    location_format=location_format)
     descriptions = None
     for candidate in (Path(tokenizer_dir) / "descriptions.parquet", Path(tokenizer_dir).parent / "descriptions.parquet"):
         if "alignment" in config.tasks and candidate.exists():
