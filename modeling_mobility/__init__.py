@@ -1,6 +1,8 @@
 """Model folders of hf-mobility (one self-contained folder per method, loadable with ``trust_remote_code``)."""
 
 from . import auto
+from .calliper import CaLLiPerConfig, CaLLiPerModel
+from .mhsa import MHSAConfig, MHSAForNextLocation
 from .rqvae import RQVAEConfig, RQVAEModel
 
-__all__ = ["RQVAEConfig", "RQVAEModel", "auto"]
+__all__ = ["CaLLiPerConfig", "CaLLiPerModel", "MHSAConfig", "MHSAForNextLocation", "RQVAEConfig", "RQVAEModel", "auto"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel
 
+from .calliper import CaLLiPerConfig, CaLLiPerModel
+from .mhsa import MHSAConfig, MHSAForNextLocation
 from .rqvae import RQVAEConfig, RQVAEModel
 
 __all__ = ["register_auto_classes"]
@@ -16,7 +18,8 @@ __all__ = ["register_auto_classes"]
 
 def register_auto_classes() -> None:
     """Register every model of the library with `AutoConfig`/`AutoModel` (idempotent)."""
-    for config_class, model_class in ((RQVAEConfig, RQVAEModel),):
+    pairs = ((RQVAEConfig, RQVAEModel), (CaLLiPerConfig, CaLLiPerModel), (MHSAConfig, MHSAForNextLocation))
+    for config_class, model_class in pairs:
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModel.register(config_class, model_class, exist_ok=True)
 

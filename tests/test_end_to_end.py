@@ -69,11 +69,11 @@ def test_grid_city_through_the_cli(tmp_path, capsys):
 def test_demo_writes_report_and_plots(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_MOBILITY_HOME", str(tmp_path / "home"))
     assert main(["-q", "demo", "--out", str(tmp_path / "demo"), "--users", "40", "--sft-steps", "6",
-                 "--eval-samples", "16"]) == 0
+                 "--eval-samples", "16", "--mhsa-epochs", "1"]) == 0
     report = (tmp_path / "demo" / "report.md").read_text()
     for name in ("city_map.png", "category_hours.png", "baselines.png", "grid_density.png",
                  "location_tokenizer/codebook_usage.png", "location_tokenizer/first_code_map.png",
-                 "sft/qtmob/training_curve.png"):
+                 "sft/qtmob/training_curve.png", "calliper_embeddings.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 10_000
         assert f"({name})" in report
     assert "| markov |" in report and "| slot-mode |" in report and "Row account" in report
@@ -90,6 +90,13 @@ def test_demo_writes_report_and_plots(tmp_path, monkeypatch):
     assert (tmp_path / "demo" / "sft" / "qtmob" / "rqvae" / "config.json").is_file()
     assert not (tmp_path / "demo" / "sft" / "qtmob-id" / "rqvae").exists()
     assert "points vs markov" in report
+    # CaLLiPer + MHSA, conventional and inductive, beside the baselines
+    cm = json.loads((tmp_path / "demo" / "metrics_calliper_mhsa.json").read_text())
+    for split in ("conventional", "inductive"):
+        assert list(cm[split]["results"])[:2] == ["mhsa-id", "mhsa-calliper"] and "markov" in cm[split]["results"]
+    unseen = {n: r["unseen"] for n, r in cm["inductive"]["results"].items() if "unseen" in r}
+    assert unseen["mhsa-id"]["acc@20"] == 0.0 and unseen["mhsa-calliper"]["num_samples"] > 0
+    assert "## CaLLiPer + MHSA" in report and "an ID table cannot rank them" in report
 
 
 @pytest.mark.slow

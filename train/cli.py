@@ -4,7 +4,14 @@
 mobility data synth   --out raw/ [--kind checkins|grid] [--users N] [--locations M] [--seed S]
 mobility data prepare --format foursquare --input raw/checkins.txt --locations raw/pois.csv --out data/
 mobility train location-tokenizer --data data/ --output-dir runs/loctok/
+mobility data instructions --data data/ --tokenizer runs/loctok/ --out ins/ [--location-format id]
+mobility train sft    --config train/recipes/qtmob_demo.yaml --instructions ins/ --output_dir runs/qtmob/
+mobility train calliper --config train/recipes/calliper_demo.yaml --data data/ --output-dir runs/calliper/
+mobility train mhsa   --config train/recipes/mhsa_demo.yaml --data data/ --location-encoder runs/calliper/ \
+                      --output-dir runs/mhsa/
+mobility evaluate     RUN_DIR --data data/     # a QT-Mob or MHSA run beside the baselines
 mobility evaluate     --baseline all --data data/ [--split test] [--out metrics.json]
+mobility push         RUN_DIR --repo-id USER/NAME
 mobility demo         --out runs/demo
 ```
 
@@ -151,6 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sft.set_defaults(recipe_args=[])
+    cal = train_sub.add_parser(
+        "calliper",
+        help="CaLLiPer: an inductive location encoder aligned with POI texts (contrastive), from a YAML recipe",
+        description="All options belong to train/calliper.py: --data DIR --output-dir OUT [--config RECIPE.yaml] "
+        "[--key value ...]; see `mobility train calliper --help`.",
+        add_help=False,
+    )
+    cal.set_defaults(recipe_args=[])
+    mh = train_sub.add_parser(
+        "mhsa",
+        help="MHSA next-location predictor on learned location IDs or a frozen CaLLiPer encoder, from a YAML recipe",
+        description="All options belong to train/mhsa.py: --data DIR --output-dir OUT --location-encoder id|CALLIPER "
+        "[--config RECIPE.yaml] [--key value ...]; see `mobility train mhsa --help`.",
+        add_help=False,
+    )
+    mh.set_defaults(recipe_args=[])
 
     ins = data_sub.add_parser(
         "instructions",
@@ -228,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="QT-Mob: test samples the fine-tuned models are scored on (default 500; 0 = all)")
     demo.add_argument("--no-qtmob", action="store_true", help="skip the QT-Mob fine-tuning (data, baselines and the "
                       "location tokenizer only, seconds)")
+    demo.add_argument("--no-calliper", action="store_true", help="skip CaLLiPer + MHSA (conventional and inductive)")
+    demo.add_argument("--mhsa-epochs", type=int, default=None,
+                      help="CaLLiPer + MHSA: MHSA epochs per run (default: the demo recipe's)")
     return parser
 
 
@@ -353,9 +379,44 @@ def _train_sft(args) -> None:
     print(f"next: mobility evaluate {run} --data DATA_DIR")
 
 
+def _train_calliper(args) -> None:
+    from .calliper import main as calliper_main
+
+    result = calliper_main(args.recipe_args)
+    print(f"next: mobility train mhsa --data DATA_DIR --location-encoder {result.output_dir} --output-dir RUN")
+
+
+def _train_mhsa(args) -> None:
+    from .mhsa import main as mhsa_main
+
+    mhsa_main(args.recipe_args)
+
+
+def _run_method(run_dir: Path) -> str | None:
+    """The `method` of a run folder's run_info.json; a CaLLiPer run (an encoder, not a predictor) is refused."""
+    import json
+
+    info = run_dir / "run_info.json"
+    method = json.loads(info.read_text(encoding="utf-8")).get("method") if info.is_file() else None
+    if method == "calliper":
+        raise ValueError(f"{run_dir} is a CaLLiPer location encoder, not a next-location predictor; train one on it "
+                         f"with `mobility train mhsa --location-encoder {run_dir} ...` and evaluate that run")
+    return method
+
+
 def _evaluate(args) -> None:
     from .evaluate import evaluate_baselines, evaluate_run, format_results_table, write_json_atomic
 
+    if args.run_dir is not None and _run_method(args.run_dir) == "mhsa":
+        from .mhsa import evaluate_mhsa
+
+        report = evaluate_mhsa(args.run_dir, args.data, split=args.split)
+        print(f"{args.run_dir} beside the baselines on {args.data} ({args.split} split, every location ranked):\n")
+        print(format_results_table(report))
+        if args.out is not None:
+            write_json_atomic(report, args.out)
+        print(f"\nwrote {args.out or args.run_dir / 'metrics.json'}")
+        return
     if args.run_dir is not None:
         report = evaluate_run(args.run_dir, args.data, split=args.split, num_beams=args.num_beams,
                               batch_size=args.batch_size, instructions=args.instructions, max_samples=args.max_samples,
@@ -377,26 +438,30 @@ def _evaluate(args) -> None:
 def _demo(args) -> None:
     from .demo import run_demo
 
-    for name in ("sft_steps", "eval_samples"):
+    for name, minimum in (("sft_steps", 1), ("eval_samples", 0), ("mhsa_epochs", 1)):
         value = getattr(args, name)
-        if value is not None and value < (1 if name == "sft_steps" else 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {1 if name == 'sft_steps' else 0}, got {value}")
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
     report = run_demo(args.out, seed=args.seed, num_users=args.users, qtmob=not args.no_qtmob,
-                      sft_steps=args.sft_steps, eval_samples=args.eval_samples or None)
+                      sft_steps=args.sft_steps, eval_samples=args.eval_samples or None, calliper=not args.no_calliper,
+                      mhsa_epochs=args.mhsa_epochs)
     print(report.read_text(encoding="utf-8"))
     print(f"\nreport: {report}")
+
+
+RECIPE_COMMANDS = ("sft", "calliper", "mhsa")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     recipe_args: list[str] = []
-    for i in range(len(argv) - 1):  # everything after `train sft` belongs to the recipe parser of train/sft.py
-        if argv[i] == "train" and argv[i + 1] == "sft":
+    for i in range(len(argv) - 1):  # everything after `train sft|calliper|mhsa` belongs to that script's own parser
+        if argv[i] == "train" and argv[i + 1] in RECIPE_COMMANDS:
             argv, recipe_args = argv[: i + 2], argv[i + 2 :]
             break
     args = parser.parse_args(argv)
-    if getattr(args, "train_command", None) == "sft":
+    if getattr(args, "train_command", None) in RECIPE_COMMANDS:
         args.recipe_args = recipe_args
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
@@ -409,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             handlers[args.data_command](args)
         elif args.command == "train":
-            {"location-tokenizer": _train_location_tokenizer, "sft": _train_sft}[args.train_command](args)
+            {"location-tokenizer": _train_location_tokenizer, "sft": _train_sft, "calliper": _train_calliper,
+             "mhsa": _train_mhsa}[args.train_command](args)
         elif args.command == "evaluate":
             _evaluate(args)
         elif args.command == "push":

@@ -18,7 +18,7 @@ import pandas as pd
 
 from .plots import pyplot, save_figure
 
-__all__ = ["QTMOB_DEMO_VARIANTS", "run_demo", "run_qtmob_demo"]
+__all__ = ["QTMOB_DEMO_VARIANTS", "run_calliper_demo", "run_demo", "run_qtmob_demo"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +167,139 @@ def _plot_baselines(results: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def run_calliper_demo(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    max_epochs: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """CaLLiPer + MHSA on a prepared check-in dataset: train CaLLiPer (held-out locations excluded), then MHSA on
+    learned IDs and on the frozen CaLLiPer embeddings, both evaluated on the test split beside the baselines.
+
+    Args:
+        data_dir: a check-in dataset from `mobility data prepare` (with `--inductive-fraction` for the inductive
+            setting: the report then has an `unseen` part).
+        out_dir: receives `calliper/`, `mhsa-id/` and `mhsa-calliper/`.
+        seed: seed of the three runs.
+        max_epochs: MHSA epochs (default: the demo recipe's).
+        progress: show the trainers' progress bars.
+
+    Returns:
+        `dict`: `{"report": every model and the baselines on the same samples, "runs": {name: folder},
+        "calliper": CaLLiPer's report.json content, "seconds": {name: seconds}}`.
+    """
+    from .calliper import DEMO_RECIPE as CALLIPER_RECIPE
+    from .calliper import train_calliper
+    from .mhsa import train_mhsa
+
+    out = Path(out_dir)
+    mhsa_recipe = Path(__file__).parent / "recipes" / "mhsa_demo.yaml"
+    overrides = {"max_epochs": max_epochs} if max_epochs is not None else {}
+    seconds: dict[str, float] = {}
+    t0 = time.time()
+    calliper = train_calliper(data_dir, out / "calliper", recipe=CALLIPER_RECIPE, seed=seed, progress=progress)
+    seconds["calliper"] = time.time() - t0
+    combined: dict = {}
+    runs = {"calliper": calliper.output_dir}
+    for name, encoder in (("mhsa-id", "id"), ("mhsa-calliper", str(calliper.output_dir))):
+        t0 = time.time()
+        result = train_mhsa(data_dir, out / name, location_encoder=encoder, recipe=mhsa_recipe, seed=seed,
+                            evaluate=True, progress=progress, **overrides)
+        report = result.report
+        model_name = next(iter(report["results"]))
+        if not combined:
+            combined = {**report, "results": {}}
+        combined["results"][name] = report["results"][model_name]
+        runs[name] = result.output_dir
+        seconds[name] = time.time() - t0
+    combined["results"].update({k: v for k, v in report["results"].items() if k != model_name})
+    for key in ("run", "location_encoder", "inference"):
+        combined.pop(key, None)
+    return {"report": combined, "runs": runs, "calliper": calliper.report, "seconds": seconds}
+
+
+def _plot_embeddings(calliper_dir: Path, locations: pd.DataFrame, path: Path) -> None:
+    """2-D PCA of the CaLLiPer location embeddings, coloured by top-level category (and by land use when known)."""
+    plt = pyplot()
+    emb = pd.read_parquet(calliper_dir / "location_embeddings.parquet")
+    table = emb.merge(locations.drop(columns=["heldout"], errors="ignore"), on="location_id", how="left")
+    x = np.stack(table["embedding"].to_numpy()).astype(np.float64)
+    x -= x.mean(0)
+    _, sv, vt = np.linalg.svd(x, full_matrices=False)
+    xy = x @ vt[:2].T
+    share = sv[:2] ** 2 / max(float((sv**2).sum()), 1e-12)
+    colours = [("category_group", "top-level category")]
+    if "land_use" in table and table["land_use"].notna().any():
+        colours.append(("land_use", "land use (not in every dataset)"))
+    fig, axes = plt.subplots(1, len(colours), figsize=(6.5 * len(colours), 5.5), squeeze=False)
+    for ax, (column, title) in zip(axes[0], colours):
+        values = table[column].fillna("unknown").astype(str)
+        for name in sorted(values.unique()):
+            sel = (values == name).to_numpy()
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=10, alpha=0.75, label=name)
+        held = table["heldout"].fillna(False).to_numpy(dtype=bool) if "heldout" in table else np.zeros(len(table), bool)
+        if held.any():
+            ax.scatter(xy[held, 0], xy[held, 1], s=40, facecolors="none", edgecolors="black", linewidths=0.8,
+                       label="held out (not trained on)")
+        ax.set_xlabel(f"PC 1 ({share[0]:.0%} of variance)")
+        ax.set_ylabel(f"PC 2 ({share[1]:.0%} of variance)")
+        ax.set_title(f"CaLLiPer location embeddings by {title}", fontsize=10)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    save_figure(fig, path)
+
+
+def _calliper_lines(conventional: dict, inductive: dict | None, out: Path) -> list[str]:
+    from .evaluate import format_results_table
+
+    res = conventional["report"]["results"]
+    cal = conventional["calliper"]
+    lines = [
+        "## CaLLiPer + MHSA: inductive location embeddings (test split, metrics x100)",
+        "",
+        f"CaLLiPer (`train/recipes/calliper_demo.yaml`) aligned the coordinates of {cal.get('num_train_locations', '?')} "
+        f"training locations with their POI texts: validation loss {cal['best_val_loss']:.3f} (chance "
+        f"{cal['val_loss_chance']:.3f}), location->text top-1 {100 * cal['val_top1_accuracy']:.1f}% (chance "
+        f"{100 * cal['val_top1_chance']:.1f}%). The MHSA predictor (`train/recipes/mhsa_demo.yaml`) "
+        "reads either learned location IDs (**mhsa-id**) or the frozen CaLLiPer embeddings (**mhsa-calliper**, with a "
+        "learned residual for locations seen in training) and scores every location of the table.",
+        "",
+        "Conventional split:",
+        "",
+        format_results_table(conventional["report"]),
+        "",
+    ]
+    if "mhsa-calliper" in res and "markov" in res:
+        diffs = [f"{m.capitalize()} {100 * (res['mhsa-calliper'][m] - res['markov'][m]):+.1f} points"
+                 for m in ("acc@1", "acc@5")]
+        lines += [f"mhsa-calliper vs Markov-1: {', '.join(diffs)}.", ""]
+    if inductive is not None:
+        ires = inductive["report"]["results"]
+        lines += [
+            "Inductive split (10% of the training locations held out: CaLLiPer and MHSA never saw them; the test "
+            "samples are those that touch them):",
+            "",
+            format_results_table(inductive["report"]),
+            "",
+        ]
+        unseen = {n: r["unseen"] for n, r in ires.items() if "unseen" in r}
+        if "mhsa-calliper" in unseen and "mhsa-id" in unseen:
+            lines += [f"On targets never seen in training, mhsa-id reaches Acc@20 {100 * unseen['mhsa-id']['acc@20']:.1f}"
+                      f" (an ID table cannot rank them) and mhsa-calliper Acc@20 "
+                      f"{100 * unseen['mhsa-calliper']['acc@20']:.1f} / MRR {100 * unseen['mhsa-calliper']['mrr']:.1f}.",
+                      ""]
+    lines += ["![CaLLiPer embeddings](calliper_embeddings.png)", ""]
+    runs = {**conventional["runs"], **({f"{k} (inductive)": v for k, v in inductive["runs"].items()}
+                                       if inductive else {})}
+    secs = {**conventional["seconds"], **({f"{k} (inductive)": v for k, v in inductive["seconds"].items()}
+                                          if inductive else {})}
+    lines += ["| run | folder | seconds |", "|---|---|---:|"]
+    lines += [f"| {name} | `{folder}` | {secs.get(name, float('nan')):.0f} |" for name, folder in runs.items()]
+    lines.append("")
+    return lines
+
+
 def _qtmob_lines(result: dict, out: Path, baselines: dict) -> list[str]:
     """The QT-Mob section of the report: the table, an honest comparison with the baselines, the runs."""
     from .evaluate import format_results_table
@@ -229,11 +362,14 @@ def run_demo(
     qtmob: bool = True,
     sft_steps: int | None = None,
     eval_samples: int | None = 500,
+    calliper: bool = True,
+    mhsa_epochs: int | None = None,
 ) -> Path:
     """Run the demo into ``out_dir`` and return the path of ``report.md``.
 
     ``qtmob=False`` skips the QT-Mob fine-tuning (instructions, three SFT runs, evaluation); ``sft_steps`` overrides
     the recipe's steps per run and ``eval_samples`` the number of test samples the fine-tuned models are scored on.
+    ``calliper=False`` skips CaLLiPer + MHSA (conventional and inductive); ``mhsa_epochs`` overrides its epochs.
     """
     from dataset_builders.preprocess import prepare_checkins, prepare_grid
     from dataset_builders.publish import write_prepared
@@ -269,6 +405,23 @@ def run_demo(
     gdata_dir = write_prepared(gprepared, out / "data" / "grid", title="hf-mobility synthetic grid city")
     grid_report = evaluate_baselines(gdata_dir, "all", split="test")
     write_json_atomic(grid_report, out / "metrics_grid.json")
+
+    calliper_result = inductive_result = None
+    if calliper:
+        from dataset_builders.preprocess import CheckinPreprocessConfig
+
+        logger.info("CaLLiPer + MHSA, conventional split")
+        calliper_result = run_calliper_demo(data_dir, out / "calliper_mhsa", seed=seed, max_epochs=mhsa_epochs)
+        logger.info("CaLLiPer + MHSA, inductive split (10%% of the training locations held out)")
+        inductive = prepare_checkins(loaded, CheckinPreprocessConfig(inductive_fraction=0.1, seed=seed))
+        inductive_dir = write_prepared(inductive, out / "data" / "checkins_inductive",
+                                       title="hf-mobility synthetic check-in city, inductive split")
+        inductive_result = run_calliper_demo(inductive_dir, out / "calliper_mhsa_inductive", seed=seed,
+                                             max_epochs=mhsa_epochs)
+        write_json_atomic({"conventional": calliper_result["report"], "inductive": inductive_result["report"]},
+                          out / "metrics_calliper_mhsa.json")
+        _plot_embeddings(inductive_result["runs"]["calliper"], inductive.locations.to_pandas(),
+                         out / "calliper_embeddings.png")
 
     qtmob_result = None
     if qtmob:
@@ -325,6 +478,7 @@ def run_demo(
         "![first-level codes](location_tokenizer/first_code_map.png)",
         "",
         *(_qtmob_lines(qtmob_result, out, checkin_report["results"]) if qtmob_result else []),
+        *(_calliper_lines(calliper_result, inductive_result, out) if calliper_result else []),
         "## Grid city: 15-day trajectory prediction (test users)",
         "",
         format_results_table(grid_report),
@@ -346,7 +500,8 @@ def run_demo(
            "(`datasets.load_dataset(path, 'next')`); runs: `" + "`, `".join(map(str, qtmob_result["runs"].values()))
            + "` (`mobility evaluate RUN --data DATA`, `mobility push RUN --repo-id USER/NAME`)"]
           if qtmob_result else []),
-        "- metrics: `metrics_checkins.json`, `metrics_grid.json`" + (", `metrics_qtmob.json`" if qtmob_result else ""),
+        "- metrics: `metrics_checkins.json`, `metrics_grid.json`" + (", `metrics_qtmob.json`" if qtmob_result else "")
+        + (", `metrics_calliper_mhsa.json`" if calliper_result else ""),
         "",
     ]
     report = out / "report.md"

@@ -49,6 +49,8 @@ from typing import Any
 
 import yaml
 
+from .recipe import coerce_fields, read_recipe
+
 __all__ = [
     "tiny_llama",
     "TINY_LLAMA",
@@ -154,8 +156,7 @@ class SFTRecipe:
     resume_from_checkpoint: str | None = None
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f, getattr(self, f.name)))
+        coerce_fields(self)
         if isinstance(self.tasks, str):
             self.tasks = [self.tasks]
         self.tasks = [t.strip() for task in self.tasks for t in str(task).split(",") if t.strip()]
@@ -189,54 +190,9 @@ class SFTRecipe:
         return dataclasses.asdict(self)
 
 
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    """Convert a YAML/CLI value to the field's type (`"2e-4"` -> 2e-4, `"true"` -> True, `"null"` -> None)."""
-    kind = str(f.type)
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip().lower() in ("null", "none", "~") and "None" in kind:
-        return None
-    try:
-        if kind.startswith("bool"):
-            if isinstance(value, str):
-                low = value.strip().lower()
-                if low in ("true", "yes", "1", "y"):
-                    return True
-                if low in ("false", "no", "0", "n"):
-                    return False
-                raise ValueError
-            return bool(value)
-        if kind.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if kind.startswith("float"):
-            return float(value)
-        if kind.startswith("list"):
-            return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
-        if kind.startswith("str"):
-            return str(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"recipe key `{f.name}` must be of type {kind}, got {value!r}") from None
-    return value
-
-
 def load_recipe(path: str | os.PathLike | None = None, **overrides) -> SFTRecipe:
     """Load a YAML recipe (optional) and apply keyword overrides; unknown keys raise a `ValueError`."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"recipe {path} must be a YAML mapping of recipe keys, got {type(loaded).__name__}")
-        values.update(loaded)
-    values.update(overrides)
-    allowed = [f.name for f in dataclasses.fields(SFTRecipe)]
-    unknown = sorted(set(values) - set(allowed))
-    if unknown:
-        where = f" in {path}" if path is not None else ""
-        raise ValueError(f"unknown recipe keys {unknown}{where}; allowed keys: {', '.join(allowed)}")
-    return SFTRecipe(**values)
+    return read_recipe(SFTRecipe, path, overrides)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

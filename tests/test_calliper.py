@@ -1,0 +1,484 @@
+"""CaLLiPer location encoder: grid encoding, loss, logit-scale clamp, inductive embeddings, save/load (also in a fresh
+process without our packages) and the training script on a small synthetic city with held-out locations."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from modeling_mobility.calliper import (
+    CaLLiPerConfig,
+    CaLLiPerModel,
+    contrastive_loss,
+    grid_frequencies,
+    space2vec_grid_encoding,
+)
+from train.calliper import (
+    CaLLiPerTrainingCallback,
+    _trainer_class,
+    build_poi_texts,
+    load_recipe,
+    main,
+    poi_text,
+    retrieval_metrics,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small models and a shared 2-core machine: one thread avoids OpenMP oversubscription stalls
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_config(**overrides) -> CaLLiPerConfig:
+    values = dict(frequency_num=8, hidden_size=32, num_residual_blocks=2, embedding_dim=16, text_embedding_dim=24)
+    values.update(overrides)
+    return CaLLiPerConfig(**values)
+
+
+# grid encoding
+
+
+def test_grid_encoding_matches_hand_computation():
+    # 3 scales from 0.01 to 1 degree: lambda = 0.01, 0.1, 1 (geometric), frequencies 1/lambda = 100, 10, 1
+    lon, lat = -73.99, 40.75
+    expected = []
+    for x in (lon, lat):  # dimension-major, then scale, then (sin, cos)
+        for omega in (100.0, 10.0, 1.0):
+            expected += [math.sin(x * omega), math.cos(x * omega)]
+    got = space2vec_grid_encoding(torch.tensor([[lon, lat]], dtype=torch.float64), 3, 0.01, 1.0)
+    assert got.dtype == torch.float64 and got.shape == (1, 12)
+    np.testing.assert_allclose(got[0].numpy(), expected, rtol=0, atol=1e-12)
+    # spot values written out: sin(-7399) and cos(40.75)
+    assert got[0, 0].item() == pytest.approx(math.sin(-7399.0), abs=1e-9)
+    assert got[0, 11].item() == pytest.approx(math.cos(40.75), abs=1e-12)
+
+
+def test_grid_frequencies_geometric_and_model_uses_them():
+    freq = grid_frequencies(32, 0.01, 10.0)
+    lambdas = [0.01 * 1000 ** (s / 31) for s in range(32)]
+    np.testing.assert_allclose(freq.numpy(), [1 / lam for lam in lambdas], rtol=1e-12)
+    assert grid_frequencies(1, 0.5, 2.0).tolist() == [2.0]  # one scale: min_lambda
+    model = CaLLiPerModel(CaLLiPerConfig())
+    coords = torch.tensor([[-73.9, 40.7], [139.7, 35.7]], dtype=torch.float64)
+    features = model.location_encoder.position_encoding(coords)
+    assert features.shape == (2, 128) and model.config.positional_encoding_dim == 128
+    torch.testing.assert_close(features, space2vec_grid_encoding(coords, 32, 0.01, 10.0), rtol=0, atol=0)
+
+
+# loss and logit scale
+
+
+def test_infonce_equals_hand_computation_2x2():
+    a, b, c, d = 2.0, 0.5, 1.0, 3.0
+    logits = torch.tensor([[a, b], [c, d]])
+    rows = -math.log(math.exp(a) / (math.exp(a) + math.exp(b))) - math.log(math.exp(d) / (math.exp(c) + math.exp(d)))
+    cols = -math.log(math.exp(a) / (math.exp(a) + math.exp(c))) - math.log(math.exp(d) / (math.exp(b) + math.exp(d)))
+    assert contrastive_loss(logits).item() == pytest.approx((rows / 2 + cols / 2) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="square"):
+        contrastive_loss(torch.zeros(2, 3))
+
+
+def test_forward_logits_are_scaled_cosines_and_loss_is_infonce():
+    torch.manual_seed(0)
+    model = CaLLiPerModel(tiny_config(dropout=0.0)).eval()
+    coords = torch.tensor([[-73.99, 40.75], [-73.95, 40.70], [-74.01, 40.80]], dtype=torch.float64)
+    texts = torch.randn(3, 24)
+    out = model(coords, text_embeddings=texts)
+    projected = model.text_projection(torch.nn.functional.normalize(texts, dim=-1))
+    torch.testing.assert_close(out.text_embeddings, projected)
+    torch.testing.assert_close(out.location_embeddings.norm(dim=1), torch.ones(3))
+    expected = math.exp(model.config.logit_scale_init_value) * out.location_embeddings @ projected.t()
+    torch.testing.assert_close(out.logits_per_location, expected)
+    torch.testing.assert_close(out.logits_per_text, expected.t())
+    torch.testing.assert_close(out.loss, contrastive_loss(expected))
+    assert model(coords).loss is None  # no texts: embeddings only
+    with pytest.raises(ValueError, match="text_embeddings"):
+        model(coords, text_embeddings=torch.randn(2, 24))
+    with pytest.raises(ValueError, match="coordinates"):
+        model(coords[:, :1])
+
+
+def test_logit_scale_stays_within_its_clamp_after_a_pushing_step():
+    model = CaLLiPerModel(tiny_config())
+    cap = model.config.logit_scale_max
+    assert cap == pytest.approx(math.log(100.0))
+    assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    optimizer = torch.optim.SGD([model.logit_scale], lr=10.0)
+    model.logit_scale.grad = torch.tensor(-1.0)  # a gradient that pushes the scale up by 10
+    optimizer.step()
+    assert model.logit_scale.item() > cap
+    # forward uses the clamped value even before the parameter is clamped
+    coords = torch.tensor([[-73.99, 40.75], [-73.95, 40.70]], dtype=torch.float64)
+    out = model.eval()(coords, text_embeddings=torch.randn(2, 24))
+    cosines = out.location_embeddings @ out.text_embeddings.t()
+    torch.testing.assert_close(out.logits_per_location, 100.0 * cosines)
+    assert model.temperature_scale == pytest.approx(100.0)
+    # the training callback clamps the parameter after every optimiser step
+    CaLLiPerTrainingCallback().on_optimizer_step(None, None, None, model=model)
+    assert model.logit_scale.item() == pytest.approx(cap)
+    model.logit_scale.data.fill_(-5.0)
+    model.clamp_logit_scale_()
+    assert model.logit_scale.item() == 0.0
+    # no weight decay on the logit scale, biases or 1-d parameters
+    decayed = _trainer_class().get_decay_parameter_names(None, model)
+    assert "logit_scale" not in decayed and not any(name.endswith("bias") for name in decayed)
+    assert "text_projection.weight" in decayed and "location_encoder.output_layer.weight" in decayed
+
+
+def test_tiny_contrastive_run_aligns_locations_with_texts():
+    # 6 kinds of place, each in its own part of a city; held-out points of each part must retrieve their kind's text
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    centres = torch.tensor(
+        [[-74.00, 40.70], [-73.95, 40.70], [-73.90, 40.70], [-74.00, 40.78], [-73.95, 40.78], [-73.90, 40.78]],
+        dtype=torch.float64,
+    )
+    kinds = torch.arange(6).repeat(40)
+    coords = centres[kinds] + 0.006 * torch.randn(240, 2, generator=generator, dtype=torch.float64)
+    kind_texts = torch.randn(6, 24, generator=generator)
+    texts = kind_texts[kinds] + 0.05 * torch.randn(240, 24, generator=generator)
+    model = CaLLiPerModel(tiny_config(frequency_num=16, min_lambda=0.005, max_lambda=1.0, dropout=0.0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(120):
+        rows = torch.randperm(240, generator=generator)[:48]
+        loss = model(coords[rows], text_embeddings=texts[rows]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.clamp_logit_scale_()
+    test_kinds = torch.arange(6).repeat(10)
+    test_coords = centres[test_kinds] + 0.006 * torch.randn(60, 2, generator=generator, dtype=torch.float64)
+    locations = model.get_location_embeddings(test_coords)
+    retrieved = (locations @ model.get_text_embeddings(kind_texts).t()).argmax(1)
+    accuracy = (retrieved == test_kinds).float().mean().item()
+    assert accuracy >= 0.8, accuracy  # chance: 1/6
+    metrics = retrieval_metrics(
+        locations, model.get_text_embeddings(texts[:60]), [str(k) for k in test_kinds.tolist()]
+    )
+    assert metrics["top1_chance"] == pytest.approx(1 / 6)
+
+
+# inductive embeddings and input checks
+
+
+def test_get_location_embeddings_for_unseen_coordinates():
+    torch.manual_seed(0)
+    model = CaLLiPerModel(tiny_config()).train()
+    rng = np.random.default_rng(0)
+    coords = np.column_stack([rng.uniform(-180, 180, 1000), rng.uniform(-90, 90, 1000)])
+    emb = model.get_location_embeddings(coords)
+    assert emb.shape == (1000, 16) and emb.dtype == torch.float32 and not emb.requires_grad
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(1000))
+    assert model.training  # the mode is restored
+    torch.testing.assert_close(model.get_location_embeddings(coords, batch_size=7), emb)  # chunking changes nothing
+    # float32 coordinates work too, but lose precision (the finest scale multiplies degrees by 100): pass float64
+    torch.testing.assert_close(model.get_location_embeddings(torch.from_numpy(coords).float()), emb, atol=2e-3, rtol=0)
+    torch.testing.assert_close(model.get_location_embeddings(coords[:2].tolist()), emb[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(torch.from_numpy(coords[:5])).location_embeddings, emb[:5])
+    assert model.get_location_embeddings(np.zeros((0, 2))).shape == (0, 16)
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (np.zeros((4, 3)), r"shape \(N, 2\)"),
+        (np.zeros(2), r"shape \(N, 2\)"),
+        (np.array([[-73.9, np.nan], [1.0, 2.0]]), "NaN or infinite"),
+        (np.array([[np.inf, 40.0]]), "NaN or infinite"),
+        (np.array([[-73.9, 40.7], [40.7, -100.0]]), r"\[-180, 180\] x \[-90, 90\]"),
+        (np.array([["a", "b"]]), "numbers"),
+        ([[1.0, 2.0], [3.0]], "numbers"),
+    ],
+)
+def test_get_location_embeddings_rejects_bad_input(bad, match):
+    model = CaLLiPerModel(tiny_config())
+    with pytest.raises(ValueError, match=match):
+        model.get_location_embeddings(bad)
+
+
+def test_metres_model_takes_projected_coordinates_and_batch_size_is_checked():
+    model = CaLLiPerModel(tiny_config(coordinate_unit="metres"))
+    assert (model.config.min_lambda, model.config.max_lambda) == (100.0, 10000.0)
+    emb = model.get_location_embeddings([[530000.0, 180000.0], [531000.0, 181500.0]])  # British National Grid
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
+    with pytest.raises(ValueError, match="batch_size"):
+        model.get_location_embeddings([[1.0, 2.0]], batch_size=0)
+    with pytest.raises(ValueError, match="text_embeddings"):
+        model.get_text_embeddings(np.zeros((2, 5)))
+
+
+# configuration
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"frequency_num": 0}, "frequency_num"),
+        ({"frequency_num": 2.5}, "frequency_num"),
+        ({"frequency_num": True}, "frequency_num"),
+        ({"min_lambda": 0.0}, "min_lambda"),
+        ({"min_lambda": -1.0}, "min_lambda"),
+        ({"min_lambda": 1.0, "max_lambda": 1.0}, "max_lambda"),
+        ({"max_lambda": float("nan")}, "max_lambda"),
+        ({"coordinate_unit": "feet"}, "coordinate_unit"),
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"num_residual_blocks": -1}, "num_residual_blocks"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"embedding_dim": 0}, "embedding_dim"),
+        ({"text_embedding_dim": "384"}, "text_embedding_dim"),
+        ({"logit_scale_init_value": 5.0}, "logit_scale_init_value"),
+        ({"logit_scale_min": 1.0, "logit_scale_init_value": 0.5}, "logit_scale_init_value"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CaLLiPerConfig(**kwargs)
+
+
+def test_config_defaults_and_units():
+    config = CaLLiPerConfig()
+    assert config.model_type == "hf-mobility-calliper"
+    assert (config.frequency_num, config.min_lambda, config.max_lambda) == (32, 0.01, 10.0)
+    assert (config.hidden_size, config.num_residual_blocks, config.dropout, config.embedding_dim) == (256, 4, 0.5, 128)
+    assert config.coordinate_unit == "degrees" and config.text_embedding_dim == 384
+    assert CaLLiPerConfig(coordinate_unit="meters").coordinate_unit == "metres"
+    assert CaLLiPerConfig(logit_scale_max=None).logit_scale_max is None  # no cap, as the original
+    reloaded = CaLLiPerConfig.from_dict(CaLLiPerConfig(coordinate_unit="metres", min_lambda=50.0).to_dict())
+    assert (reloaded.coordinate_unit, reloaded.min_lambda, reloaded.max_lambda) == ("metres", 50.0, 10000.0)
+
+
+# save / load
+
+
+_FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+
+    import numpy as np
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
+    coords = np.load(sys.argv[2])
+    print(json.dumps({
+        "module": type(model).__module__,
+        "class": type(model).__name__,
+        "embeddings": model.get_location_embeddings(coords).tolist(),
+    }))
+    """
+)
+
+
+def _trained_tiny_model() -> CaLLiPerModel:
+    torch.manual_seed(0)
+    model = CaLLiPerModel(tiny_config())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    coords = torch.tensor([[-73.99, 40.75], [-73.95, 40.70], [-74.01, 40.80], [-73.90, 40.72]], dtype=torch.float64)
+    for _ in range(3):
+        model(coords, text_embeddings=torch.randn(4, 24)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def test_save_load_round_trip_gives_identical_embeddings(tmp_path):
+    model = _trained_tiny_model()
+    model.save_pretrained(tmp_path / "m")
+    files = {p.name for p in (tmp_path / "m").iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_calliper.py", "configuration_calliper.py"} <= files
+    assert not any(name.endswith(".bin") for name in files)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["model_type"] == "hf-mobility-calliper"
+    assert config["auto_map"]["AutoModel"] == "modeling_calliper.CaLLiPerModel"
+    loaded = CaLLiPerModel.from_pretrained(tmp_path / "m")
+    coords = np.array([[-73.97, 40.76], [2.35, 48.86], [151.2, -33.9]])  # unseen, even other cities
+    assert torch.equal(loaded.get_location_embeddings(coords), model.get_location_embeddings(coords))
+    assert loaded.logit_scale.item() == model.logit_scale.item()
+
+
+def test_trust_remote_code_load_in_fresh_process(tmp_path, run_without_our_packages):
+    model = _trained_tiny_model()
+    model_dir = tmp_path / "saved model"
+    model.save_pretrained(model_dir)
+    coords = np.array([[-73.97, 40.76], [-73.91, 40.69], [2.35, 48.86]])
+    np.save(tmp_path / "coords.npy", coords)
+    result = run_without_our_packages(_FRESH_PROCESS, model_dir, tmp_path / "coords.npy")
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert payload["module"].startswith("transformers_modules") and payload["class"] == "CaLLiPerModel"
+    torch.testing.assert_close(
+        torch.tensor(payload["embeddings"]), model.get_location_embeddings(coords), rtol=0, atol=1e-6
+    )
+
+
+# POI texts
+
+
+def test_poi_texts_wording_and_fallbacks():
+    assert (
+        poi_text("Coffee Shop", "Food", "Kim's Coffee")
+        == "A place of Coffee Shop, a type of Food, called Kim's Coffee"
+    )
+    assert poi_text("Coffee Shop", "Food") == "A place of Coffee Shop, a type of Food"
+    assert poi_text("Food", "Food", None) == "A place of Food"
+    assert poi_text(None, "Food", "Owl") == "A place of the type Food, called Owl"
+    assert poi_text(None, None, None, "transit_hub") == "A place in a transit hub area"
+    assert poi_text("Bar", "Nightlife Spot", "Owl", "nightlife") == (
+        "A place of Bar, a type of Nightlife Spot in a nightlife area, called Owl"
+    )
+    assert poi_text(None, None, "Owl", "parks") == "A place in a parks area, called Owl"
+    assert poi_text(None, None, "  Owl   Tap ") == "A place called Owl Tap"
+    assert poi_text(float("nan"), "", None) == "A place"
+    frame = pd.DataFrame({"category": ["Bar", None], "name": [None, "Lucy's"]})
+    assert build_poi_texts(frame).tolist() == ["A place of Bar", "A place called Lucy's"]
+    assert build_poi_texts(frame, include_names=False).tolist() == ["A place of Bar", "A place"]
+
+
+def test_recipes_load_and_reject_unknown_keys(tmp_path):
+    from train.calliper import DEMO_RECIPE, PAPER_RECIPE
+
+    paper = load_recipe(PAPER_RECIPE)
+    assert (paper.batch_size, paper.learning_rate, paper.weight_decay, paper.max_epochs) == (128, 1e-3, 0.01, 100)
+    assert paper.model_config(384).to_dict()["frequency_num"] == 32
+    demo = load_recipe(DEMO_RECIPE, max_epochs="3")
+    assert demo.max_epochs == 3 and demo.patience is not None
+    with pytest.raises(ValueError, match="unknown recipe keys"):
+        load_recipe(None, batchsize=3)
+    with pytest.raises(ValueError, match="batch_size"):
+        load_recipe(None, batch_size="many")
+    with pytest.raises(ValueError, match="validation_fraction"):
+        load_recipe(None, validation_fraction=1.0)
+    (tmp_path / "r.yaml").write_text("- a list\n")
+    with pytest.raises(ValueError, match="YAML mapping"):
+        load_recipe(tmp_path / "r.yaml")
+
+
+# training script
+
+
+@pytest.fixture(scope="module")
+def prepared_dir(tmp_path_factory):
+    from dataset_builders.preprocess import CheckinPreprocessConfig, prepare_checkins
+    from dataset_builders.publish import write_prepared
+    from dataset_builders.readers import read_dataset
+    from dataset_builders.synthetic import synthesize_checkins
+
+    tmp = tmp_path_factory.mktemp("calliper")
+    city = synthesize_checkins(num_users=8, num_locations=80, num_days=40, seed=1)
+    paths = city.write_tsmc(tmp / "raw")
+    loaded = read_dataset("foursquare", paths["checkins"], locations_path=paths["pois"])
+    cfg = CheckinPreprocessConfig(min_user_visits=5, min_location_visits=3, inductive_fraction=0.1, seed=0)
+    write_prepared(prepare_checkins(loaded, cfg), tmp / "data")
+    return tmp / "data"
+
+
+def test_train_calliper_writes_outputs_and_keeps_heldout_unseen(prepared_dir, tmp_path, monkeypatch, capsys):
+    import train.text_encoder as text_encoder
+    from dataset_builders.publish import load_prepared
+
+    monkeypatch.setenv("HF_MOBILITY_HOME", str(tmp_path / "home"))
+    seen_texts: list[list[str]] = []
+    real_encode = text_encoder.encode_texts
+
+    def spy(texts, *args, **kwargs):
+        seen_texts.append(list(texts))
+        return real_encode(texts, *args, **kwargs)
+
+    monkeypatch.setattr(text_encoder, "encode_texts", spy)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        "frequency_num: 8\nhidden_size: 32\nnum_residual_blocks: 1\nembedding_dim: 16\nbatch_size: 16\n"
+        "max_epochs: 3\npatience: 2\nseed: 0\nnum_threads: 1\n"
+    )
+    out = tmp_path / "run"
+    result = main(
+        [
+            "--data",
+            str(prepared_dir),
+            "--output-dir",
+            str(out),
+            "--config",
+            str(recipe),
+            "--no-progress",
+            "--learning-rate",
+            "2e-3",
+        ]
+    )
+    assert "load with: AutoModel.from_pretrained" in capsys.readouterr().out
+
+    locations = load_prepared(prepared_dir).table("locations").to_pandas()
+    heldout = locations["heldout"].to_numpy(dtype=bool)
+    assert heldout.sum() > 0
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "modeling_calliper.py",
+        "configuration_calliper.py",
+        "README.md",
+        "location_embeddings.parquet",
+        "poi_texts.parquet",
+        "report.json",
+        "run_info.json",
+        "recipe.yaml",
+    ):
+        assert (out / name).is_file(), name
+    assert not list(out.glob(".*")), "temporary files or checkpoints left behind"
+
+    # only the texts of locations that are not held out were embedded (inductive honesty)
+    texts = pd.read_parquet(out / "poi_texts.parquet")
+    assert texts["location_id"].tolist() == locations["location_id"].tolist()
+    assert (texts["split"] == "heldout").to_numpy().tolist() == heldout.tolist()
+    assert seen_texts == [texts["text"][~heldout].tolist()]
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_heldout_locations"] == int(heldout.sum())
+    assert report["num_train_locations"] + report["num_validation_locations"] == int((~heldout).sum())
+    assert report["num_validation_locations"] == (texts["split"] == "validation").sum() >= 1
+    assert 1 <= report["best_epoch"] <= report["epochs_trained"] <= 3
+    assert 0.0 <= report["val_top1_accuracy"] <= 1.0 and 0.0 < report["val_top1_chance"] <= 1.0
+    assert report["best_val_loss"] == pytest.approx(min(h["eval_loss"] for h in report["history"]), rel=1e-4)
+    assert report["logit_scale"] <= 100.0 + 1e-4
+
+    # every location is embedded, held-out ones included, from its coordinates
+    table = pq.read_table(out / "location_embeddings.parquet")
+    embedding_type = table.schema.field("embedding").type
+    assert pa.types.is_list(embedding_type) and embedding_type.value_type == pa.float32()
+    frame = table.to_pandas()
+    assert frame["location_id"].tolist() == locations["location_id"].tolist()
+    assert frame["heldout"].tolist() == heldout.tolist()
+    emb = np.stack(frame["embedding"].to_numpy())
+    assert emb.shape == (len(locations), 16) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    coords = locations[["longitude", "latitude"]].to_numpy()
+    loaded = CaLLiPerModel.from_pretrained(out)
+    np.testing.assert_allclose(loaded.get_location_embeddings(coords).numpy(), emb, atol=1e-6)
+    np.testing.assert_allclose(result.model.get_location_embeddings(coords[heldout]).numpy(), emb[heldout], atol=1e-6)
+
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["method"] == "calliper" and info["data"] == str(prepared_dir.resolve())
+    assert info["recipe"]["learning_rate"] == 2e-3
+    card = (out / "README.md").read_text()
+    assert "trust_remote_code=True" in card and "2506.14070" in card and "CaLLiPer" in card
+
+
+def test_train_calliper_rejects_bad_input(prepared_dir, tmp_path):
+    from train.calliper import train_calliper
+
+    with pytest.raises(ValueError, match="data_dir"):
+        train_calliper(None, tmp_path / "run")
+    with pytest.raises(ValueError, match="unknown recipe keys"):
+        train_calliper(prepared_dir, tmp_path / "run", epochs=3)
+    with pytest.raises(ValueError, match="coordinate_unit"):
+        train_calliper(prepared_dir, tmp_path / "run", coordinate_unit="feet")

@@ -1,0 +1,97 @@
+"""YAML recipes shared by the training scripts (`train/sft.py`, `train/calliper.py`, `train/mhsa.py`).
+
+A recipe is a dataclass whose fields are the keys of a YAML file; command-line overrides (`--key value`) arrive as
+strings. :func:`coerce_field` converts a value to the field's annotated type with one clear error, and
+:func:`read_recipe` loads a file, applies overrides and refuses unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+__all__ = ["coerce_field", "coerce_fields", "read_recipe"]
+
+_NULLS = ("null", "none", "~", "")
+_TRUE = ("true", "yes", "1", "y")
+_FALSE = ("false", "no", "0", "n")
+R = TypeVar("R")
+
+
+def coerce_field(f: dataclasses.Field, value: Any) -> Any:
+    """Convert a YAML or command-line value to the type annotated on `f` (`str`, `int`, `float`, `bool`, `list[...]`,
+    each optionally `| None`): `"2e-4"` -> 0.0002, `"1e3"` -> 1000 for an int, `"true"` -> True, `"null"` -> None.
+
+    Raises:
+        ValueError: naming the key, its type and the value, when the value does not convert (or is null for a
+            non-optional key).
+    """
+    kind = str(f.type)
+    nullable = "None" in kind
+    base = kind.split("|")[0].strip()
+    if value is None or (nullable and isinstance(value, str) and value.strip().lower() in _NULLS):
+        if nullable:
+            return None
+        raise ValueError(f"recipe key `{f.name}` must be of type {kind}, got None")
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE or text in _FALSE:
+                return text in _TRUE
+            raise ValueError
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            if isinstance(value, str) and "e" in value.lower():
+                number = float(value)
+                if not number.is_integer():
+                    raise ValueError
+                return int(number)
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base.startswith("list"):
+            return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+        if base == "str":
+            if isinstance(value, (bool, list, dict)):
+                raise ValueError
+            return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"recipe key `{f.name}` must be of type {kind}, got {value!r}") from None
+    return value
+
+
+def coerce_fields(recipe: Any) -> None:
+    """Apply :func:`coerce_field` to every field of a recipe dataclass instance, in place (for `__post_init__`)."""
+    for f in dataclasses.fields(recipe):
+        setattr(recipe, f.name, coerce_field(f, getattr(recipe, f.name)))
+
+
+def read_recipe(cls: type[R], path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> R:
+    """Load a YAML recipe (optional), apply `overrides` and build `cls`; unknown keys raise a `ValueError` that lists
+    the allowed ones."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"recipe {path} does not exist (or is not a file)")
+        with open(path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"recipe {path} must be a YAML mapping of recipe keys, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update(overrides or {})
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        where = f" in {path}" if path is not None else ""
+        raise ValueError(f"unknown recipe keys {unknown}{where}; allowed keys: {', '.join(allowed)}")
+    return cls(**values)
