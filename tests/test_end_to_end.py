@@ -115,3 +115,18 @@ def test_qtmob_demo_size_pipeline_beats_markov(checkin_data, tmp_path, monkeypat
     assert res["qtmob"]["num_samples"] == res["markov"]["num_samples"] == 300
     assert res["qtmob"]["acc@1"] > res["markov"]["acc@1"], res
     assert res["qtmob"]["acc@10"] > res["markov"]["acc@10"], res
+
+
+@pytest.mark.slow
+def test_calliper_mhsa_demo_size_beats_markov(checkin_data, tmp_path, monkeypatch):
+    """Issue 5's quality bar at demo size: CaLLiPer (demo recipe) -> MHSA on the frozen embeddings (demo recipe) beats
+    per-user Markov-1 on Acc@1 and Acc@5 on the whole test split of the conventional split. About 2 minutes."""
+    from train.demo import run_calliper_demo
+
+    monkeypatch.setenv("HF_MOBILITY_HOME", str(tmp_path / "home"))
+    result = run_calliper_demo(checkin_data / "data", tmp_path / "cm", encoders=("calliper",), progress=False)
+    res = result["report"]["results"]
+    assert res["mhsa-calliper"]["num_samples"] == res["markov"]["num_samples"] > 5000
+    assert res["mhsa-calliper"]["acc@1"] > res["markov"]["acc@1"], res
+    assert res["mhsa-calliper"]["acc@5"] > res["markov"]["acc@5"], res
+    assert result["calliper"]["best_val_loss"] < result["calliper"]["val_loss_chance"]  # CaLLiPer learned something

@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--users", type=int, default=None, help="users per city (default: the synthesiser's)")
     demo.add_argument("--sft-steps", type=int, default=None,
                       help="QT-Mob: optimiser steps per fine-tuning run (default: the demo recipe's)")
-    demo.add_argument("--eval-samples", type=int, default=500,
-                      help="QT-Mob: test samples the fine-tuned models are scored on (default 500; 0 = all)")
+    demo.add_argument("--eval-samples", type=int, default=400,
+                      help="QT-Mob: test samples the fine-tuned models are scored on (default 400; 0 = all)")
     demo.add_argument("--no-qtmob", action="store_true", help="skip the QT-Mob fine-tuning (data, baselines and the "
                       "location tokenizer only, seconds)")
     demo.add_argument("--no-calliper", action="store_true", help="skip CaLLiPer + MHSA (conventional and inductive)")

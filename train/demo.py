@@ -174,6 +174,7 @@ def run_calliper_demo(
     seed: int = 0,
     max_epochs: int | None = None,
     progress: bool = True,
+    encoders: tuple[str, ...] = ("id", "calliper"),
 ) -> dict:
     """CaLLiPer + MHSA on a prepared check-in dataset: train CaLLiPer (held-out locations excluded), then MHSA on
     learned IDs and on the frozen CaLLiPer embeddings, both evaluated on the test split beside the baselines.
@@ -185,6 +186,7 @@ def run_calliper_demo(
         seed: seed of the three runs.
         max_epochs: MHSA epochs (default: the demo recipe's).
         progress: show the trainers' progress bars.
+        encoders: which MHSA runs: `"id"` (learned IDs) and/or `"calliper"` (the frozen CaLLiPer embeddings).
 
     Returns:
         `dict`: `{"report": every model and the baselines on the same samples, "runs": {name: folder},
@@ -203,7 +205,8 @@ def run_calliper_demo(
     seconds["calliper"] = time.time() - t0
     combined: dict = {}
     runs = {"calliper": calliper.output_dir}
-    for name, encoder in (("mhsa-id", "id"), ("mhsa-calliper", str(calliper.output_dir))):
+    chosen = {"id": ("mhsa-id", "id"), "calliper": ("mhsa-calliper", str(calliper.output_dir))}
+    for name, encoder in (chosen[e] for e in encoders):
         t0 = time.time()
         result = train_mhsa(data_dir, out / name, location_encoder=encoder, recipe=mhsa_recipe, seed=seed,
                             evaluate=True, progress=progress, **overrides)
@@ -361,7 +364,7 @@ def run_demo(
     num_users: int | None = None,
     qtmob: bool = True,
     sft_steps: int | None = None,
-    eval_samples: int | None = 500,
+    eval_samples: int | None = 400,
     calliper: bool = True,
     mhsa_epochs: int | None = None,
 ) -> Path:

@@ -598,6 +598,7 @@ def _train_mhsa(data_dir, output_dir, location_encoder, recipe: MHSARecipe) -> M
         "method": "mhsa",
         "name": _run_name(source),
         "location_encoder": source,
+        "location_residual": bool(config.location_encoder == "features" and config.location_residual),
         "data": str(data.path.resolve()),
         "num_locations": len(location_ids),
         "num_trained_locations": int(trained.sum()),
@@ -787,6 +788,9 @@ def build_model_card(info: dict, metrics: dict | None = None, recipe: str | None
         encoder = (f"frozen location features (`{source}`, e.g. CaLLiPer embeddings of the locations' coordinates) "
                    "through trainable projections; any location with features, also one never seen in training, can "
                    "be ranked")
+        if info.get("location_residual"):
+            encoder += (" (plus a learned residual embedding for each location seen in training, an hf-mobility "
+                        "choice; unseen locations use their features alone)")
     parts = [
         f"---\n{card_data.to_yaml()}\n---",
         "",
