@@ -28,6 +28,24 @@ def _private_hf_cache(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.fixture(scope="session")
+def small_city_dir(tmp_path_factory):
+    """A small synthetic check-in city (8 users, 80 POIs, 40 days) through the public readers, prepared with a 10%
+    inductive hold-out: the shared input of the QT-Mob instruction, CaLLiPer and MHSA tests. Treat it as read-only."""
+    from dataset_builders.preprocess import CheckinPreprocessConfig, prepare_checkins
+    from dataset_builders.publish import write_prepared
+    from dataset_builders.readers import read_dataset
+    from dataset_builders.synthetic import synthesize_checkins
+
+    tmp = tmp_path_factory.mktemp("small_city")
+    city = synthesize_checkins(num_users=8, num_locations=80, num_days=40, seed=1)
+    paths = city.write_tsmc(tmp / "raw")
+    loaded = read_dataset("foursquare", paths["checkins"], locations_path=paths["pois"])
+    cfg = CheckinPreprocessConfig(min_user_visits=5, min_location_visits=3, inductive_fraction=0.1, seed=0)
+    write_prepared(prepare_checkins(loaded, cfg), tmp / "data")
+    return tmp / "data"
+
+
 OUR_PACKAGES = ("modeling_mobility", "tokenization_mobility", "dataset_builders", "train")
 _BLOCK_OUR_PACKAGES = """
 import importlib.abc, sys

@@ -371,19 +371,8 @@ def test_recipes_load_and_reject_unknown_keys(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def prepared_dir(tmp_path_factory):
-    from dataset_builders.preprocess import CheckinPreprocessConfig, prepare_checkins
-    from dataset_builders.publish import write_prepared
-    from dataset_builders.readers import read_dataset
-    from dataset_builders.synthetic import synthesize_checkins
-
-    tmp = tmp_path_factory.mktemp("calliper")
-    city = synthesize_checkins(num_users=8, num_locations=80, num_days=40, seed=1)
-    paths = city.write_tsmc(tmp / "raw")
-    loaded = read_dataset("foursquare", paths["checkins"], locations_path=paths["pois"])
-    cfg = CheckinPreprocessConfig(min_user_visits=5, min_location_visits=3, inductive_fraction=0.1, seed=0)
-    write_prepared(prepare_checkins(loaded, cfg), tmp / "data")
-    return tmp / "data"
+def prepared_dir(small_city_dir):
+    return small_city_dir
 
 
 def test_train_calliper_writes_outputs_and_keeps_heldout_unseen(prepared_dir, tmp_path, monkeypatch, capsys):

@@ -16,10 +16,8 @@ from dataset_builders.instructions.qtmob import (
     build_qtmob_instructions,
     write_qtmob_instructions,
 )
-from dataset_builders.preprocess import CheckinPreprocessConfig, local_time_features, prepare_checkins
-from dataset_builders.publish import load_prepared, write_prepared
-from dataset_builders.readers import read_dataset
-from dataset_builders.synthetic import synthesize_checkins
+from dataset_builders.preprocess import local_time_features
+from dataset_builders.publish import load_prepared
 from tokenization_mobility import LocationTokenizer, build_bpe_tokenizer
 
 ALL_TASKS = ("next", "recovery", "alignment", "translation")
@@ -28,14 +26,8 @@ VISIT = re.compile(r"^At \w{3} \d\d:\d\d, user \S+ visited POI (.*)\.$")
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("qtmob")
-    city = synthesize_checkins(num_users=8, num_locations=80, num_days=40, seed=1)
-    paths = city.write_tsmc(tmp / "raw")
-    loaded = read_dataset("foursquare", paths["checkins"], locations_path=paths["pois"])
-    cfg = CheckinPreprocessConfig(min_user_visits=5, min_location_visits=3, inductive_fraction=0.1, seed=0)
-    write_prepared(prepare_checkins(loaded, cfg), tmp / "data")
-    return load_prepared(tmp / "data")
+def prepared(small_city_dir):
+    return load_prepared(small_city_dir)
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dataset_builders.preprocess import CheckinPreprocessConfig, local_time_features, prepare_checkins
-from dataset_builders.publish import load_prepared, write_prepared
-from dataset_builders.readers import read_dataset
-from dataset_builders.synthetic import synthesize_checkins
+from dataset_builders.preprocess import local_time_features
+from dataset_builders.publish import load_prepared
 from modeling_mobility.mhsa import MHSAConfig, MHSAForNextLocation, time_ids_from_timestamps
 from train.mhsa import build_mhsa_samples, evaluate_mhsa, load_recipe, main, parse_recipe, train_mhsa
 
@@ -333,14 +331,8 @@ def test_trust_remote_code_load_in_fresh_process(tmp_path, run_without_our_packa
 
 
 @pytest.fixture(scope="module")
-def prepared_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mhsa")
-    city = synthesize_checkins(num_users=8, num_locations=80, num_days=40, seed=1)
-    paths = city.write_tsmc(tmp / "raw")
-    loaded = read_dataset("foursquare", paths["checkins"], locations_path=paths["pois"])
-    cfg = CheckinPreprocessConfig(min_user_visits=5, min_location_visits=3, inductive_fraction=0.1, seed=0)
-    write_prepared(prepare_checkins(loaded, cfg), tmp / "data")
-    return tmp / "data"
+def prepared_dir(small_city_dir):
+    return small_city_dir
 
 
 TINY_RECIPE = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, max_epochs=2,
