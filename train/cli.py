@@ -150,30 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--learning-rate", type=float, default=1e-3, help="RQ-VAE learning rate (default 1e-3)")
     lt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
-    sft = train_sub.add_parser(
-        "sft",
-        help="instruction-tune a causal LM on an instruction dataset (SFTTrainer, LoRA or full), from a YAML recipe",
-        description="All options are the recipe's fields: --config RECIPE.yaml [--key value ...]; see "
-        "`mobility train sft --help` for the list.",
-        add_help=False,
-    )
-    sft.set_defaults(recipe_args=[])
-    cal = train_sub.add_parser(
-        "calliper",
-        help="CaLLiPer: an inductive location encoder aligned with POI texts (contrastive), from a YAML recipe",
-        description="All options belong to train/calliper.py: --data DIR --output-dir OUT [--config RECIPE.yaml] "
-        "[--key value ...]; see `mobility train calliper --help`.",
-        add_help=False,
-    )
-    cal.set_defaults(recipe_args=[])
-    mh = train_sub.add_parser(
-        "mhsa",
-        help="MHSA next-location predictor on learned location IDs or a frozen CaLLiPer encoder, from a YAML recipe",
-        description="All options belong to train/mhsa.py: --data DIR --output-dir OUT --location-encoder id|CALLIPER "
-        "[--config RECIPE.yaml] [--key value ...]; see `mobility train mhsa --help`.",
-        add_help=False,
-    )
-    mh.set_defaults(recipe_args=[])
+    # these commands hand every option after their name to the script's own parser (see RECIPE_COMMANDS in main)
+    recipe_commands = {
+        "sft": ("instruction-tune a causal LM on an instruction dataset (SFTTrainer, LoRA or full), from a YAML recipe",
+                "--config RECIPE.yaml [--key value ...] (the recipe's fields)"),
+        "calliper": ("CaLLiPer: an inductive location encoder aligned with POI texts (contrastive), from a YAML recipe",
+                     "--data DIR --output-dir OUT [--config RECIPE.yaml] [--key value ...]"),
+        "mhsa": ("MHSA next-location predictor on learned location IDs or a frozen CaLLiPer encoder, from a YAML "
+                 "recipe", "--data DIR --output-dir OUT --location-encoder id|CALLIPER [--config RECIPE.yaml] "
+                 "[--key value ...]"),
+    }
+    for name, (summary, usage) in recipe_commands.items():
+        cmd = train_sub.add_parser(
+            name, help=summary, add_help=False,
+            description=f"All options belong to train/{name}.py: {usage}; see `mobility train {name} --help`.",
+        )
+        cmd.set_defaults(recipe_args=[])
 
     ins = data_sub.add_parser(
         "instructions",
