@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -60,6 +59,7 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
+from .evaluate import write_json_atomic, write_text_atomic
 from .recipe import coerce_fields, read_recipe
 
 __all__ = [
@@ -384,22 +384,6 @@ def retrieval_metrics(
 def _atomic_path(path: Path) -> Path:
     """A fresh hidden temporary name beside `path` (created with the default permissions when written)."""
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _write_text_atomic(text: str, path: Path) -> None:
-    tmp = _atomic_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    _write_text_atomic(
-        json.dumps(obj, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)) + "\n", path
-    )
 
 
 def _write_parquet_atomic(table, path: Path) -> None:
@@ -849,10 +833,10 @@ def _run_calliper(
         )
 
     model_files = _save_model_atomic(model, out)
-    _write_text_atomic(yaml.safe_dump(recipe.to_dict(), sort_keys=False), out / "recipe.yaml")
-    _write_text_atomic(_model_card(report, recipe, config, data_path), out / "README.md")
+    write_text_atomic(yaml.safe_dump(recipe.to_dict(), sort_keys=False), out / "recipe.yaml")
+    write_text_atomic(_model_card(report, recipe, config, data_path), out / "README.md")
     report["total_seconds"] = round(time.perf_counter() - t_start, 2)
-    _write_json_atomic(report, out / "report.json")
+    write_json_atomic(report, out / "report.json")
     run_info = {
         "method": "calliper",
         "name": out.resolve().name,
@@ -871,7 +855,7 @@ def _run_calliper(
             k: report[k] for k in ("best_val_loss", "val_loss_chance", "val_top1_accuracy", "val_top1_chance")
         },
     }
-    _write_json_atomic(run_info, out / "run_info.json")
+    write_json_atomic(run_info, out / "run_info.json")
     logger.info(
         "CaLLiPer: %d epochs (best %d), val loss %.4f (chance %.4f), val top-1 %.1f%% (chance %.1f%%); wrote %s",
         report["epochs_trained"],

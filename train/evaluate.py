@@ -35,6 +35,7 @@ __all__ = [
     "format_results_table",
     "grid_targets",
     "write_json_atomic",
+    "write_text_atomic",
 ]
 
 logger = logging.getLogger(__name__)
@@ -155,18 +156,25 @@ def format_results_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file beside it and a rename; creates the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON (numpy scalars as numbers, other objects as strings), atomically."""
+    text = json.dumps(obj, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+    return write_text_atomic(text, path)
 
 
 def evaluate_run(
@@ -251,7 +259,5 @@ def evaluate_run(
         recipe = (run / "recipe.yaml").read_text(encoding="utf-8") if (run / "recipe.yaml").is_file() else None
         card = build_model_card(info, metrics=report, recipe=recipe, has_rqvae=_find_rqvae(info, run) is not None,
                                 run_dir=run)
-        tmp = run / ".README.md.tmp"
-        tmp.write_text(card, encoding="utf-8")
-        os.replace(tmp, run / "README.md")
+        write_text_atomic(card, run / "README.md")
     return report

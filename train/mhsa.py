@@ -57,7 +57,7 @@ from dataset_builders.preprocess import local_time_features
 from dataset_builders.publish import PreparedDataset, load_prepared
 from modeling_mobility.mhsa import MHSAConfig, MHSAForNextLocation
 
-from .evaluate import evaluate_baselines, format_results_table, write_json_atomic
+from .evaluate import evaluate_baselines, format_results_table, write_json_atomic, write_text_atomic
 from .metrics import ranking_metrics, ranks_from_scores
 from .recipe import coerce_fields, read_recipe
 
@@ -846,9 +846,7 @@ def build_model_card(info: dict, metrics: dict | None = None, recipe: str | None
 
 def _write_card(run: Path, info: dict, metrics: dict | None) -> None:
     recipe = (run / "recipe.yaml").read_text(encoding="utf-8") if (run / "recipe.yaml").is_file() else None
-    tmp = run / ".README.md.tmp"
-    tmp.write_text(build_model_card(info, metrics, recipe), encoding="utf-8")
-    os.replace(tmp, run / "README.md")
+    write_text_atomic(build_model_card(info, metrics, recipe), run / "README.md")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from typing import Any
 
 import yaml
 
+from .evaluate import write_json_atomic, write_text_atomic
 from .recipe import coerce_fields, read_recipe
 
 __all__ = [
@@ -456,12 +457,6 @@ def _plot_training_curve(log_history: list[dict], path: Path, completion_only: b
     save_figure(fig, path)
 
 
-def _write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)  # a hard link costs nothing and cannot drift: the files are written once, never modified
@@ -511,10 +506,8 @@ def _collect_artifacts(recipe: SFTRecipe, out: Path, info: dict) -> None:
         logger.warning("no RQ-VAE found beside the location tokenizer %s; the run folder will lack rqvae/",
                        info["location_tokenizer"])
     recipe_text = (out / "recipe.yaml").read_text(encoding="utf-8")
-    card = build_model_card(info, recipe=recipe_text, has_rqvae=rqvae is not None, run_dir=out)
-    tmp = out / ".README.md.tmp"
-    tmp.write_text(card, encoding="utf-8")
-    os.replace(tmp, out / "README.md")
+    write_text_atomic(build_model_card(info, recipe=recipe_text, has_rqvae=rqvae is not None, run_dir=out),
+                      out / "README.md")
 
 
 def _save_merged_model(recipe: SFTRecipe, trainer, out: Path) -> None:
@@ -680,7 +673,7 @@ def run_sft(recipe: SFTRecipe) -> Path:
             "train_metrics": {**result.metrics, "num_tokens": num_tokens},
             "metrics": {},  # filled by `mobility evaluate`
         }
-        _write_json(info, out / "run_info.json")
+        write_json_atomic(info, out / "run_info.json")
         _collect_artifacts(recipe, out, info)
         logger.info("wrote run folder %s", out)
     state.wait_for_everyone()
