@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 
 from modeling_mobility.calliper import (
     CaLLiPerConfig,
@@ -190,6 +191,24 @@ def test_get_location_embeddings_for_unseen_coordinates():
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(torch.from_numpy(coords[:5])).location_embeddings, emb[:5])
     assert model.get_location_embeddings(np.zeros((0, 2))).shape == (0, 16)
+
+
+def test_bfloat16_compute_dtype_is_close_to_float32_and_returns_float32():
+    torch.manual_seed(0)
+    model = CaLLiPerModel(tiny_config(hidden_size=64)).eval()
+    rng = np.random.default_rng(1)
+    coords = np.column_stack([rng.uniform(-74.06, -73.86, 500), rng.uniform(40.68, 40.88, 500)])
+    exact = model.get_location_embeddings(coords)
+    fast = model.get_location_embeddings(coords, compute_dtype=torch.bfloat16)
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape
+    assert not torch.equal(fast, exact)  # it really ran in bfloat16
+    assert F.cosine_similarity(fast, exact).min() > 0.999
+    torch.testing.assert_close(fast.norm(dim=1), torch.ones(500))
+    # the model's own dtype is the exact path
+    torch.testing.assert_close(model.get_location_embeddings(coords, compute_dtype=torch.float32), exact)
+    for bad in ("bfloat16", torch.int8):
+        with pytest.raises(ValueError, match="compute_dtype"):
+            model.get_location_embeddings(coords, compute_dtype=bad)
 
 
 @pytest.mark.parametrize(
