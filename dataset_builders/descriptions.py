@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
-__all__ = ["EARTH_RADIUS_M", "build_descriptions", "format_distance"]
+__all__ = ["EARTH_RADIUS_M", "build_descriptions", "format_distance", "unit_xyz"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _text_column(df: pd.DataFrame, column: str) -> np.ndarray:
     return out
 
 
-def _unit_xyz(lat_deg: np.ndarray, lon_deg: np.ndarray) -> np.ndarray:
+def unit_xyz(lat_deg: np.ndarray, lon_deg: np.ndarray) -> np.ndarray:
     """[N, 3] ECEF coordinates in metres on a sphere of radius :data:`EARTH_RADIUS_M`."""
     lat = np.radians(lat_deg)
     lon = np.radians(lon_deg)
@@ -244,7 +244,7 @@ def build_descriptions(
     if len(category_names):
         codes[has_category] = np.searchsorted(category_names, category[has_category])
 
-    xyz = _unit_xyz(lat, lon)
+    xyz = unit_xyz(lat, lon)
     tree = cKDTree(xyz)
     total, top_loc, top_code, top_count = _neighbour_categories(
         xyz, tree, codes, len(category_names), _arc_to_chord(radius_m), max_categories

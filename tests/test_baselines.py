@@ -7,7 +7,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from train.baselines import CHECKIN_BASELINES, fit_checkin_baseline, slot_mode_predictions
+from train.baselines import CHECKIN_BASELINES, fit_checkin_baseline, nearest_location_ranks, slot_mode_predictions
 
 # Training check-ins (time order per user):
 #   u1: A, B, A, C   -> visits A2 B1 C1; transitions A->B, B->A, A->C
@@ -168,3 +168,21 @@ def test_sparse_ranking_equals_brute_force():
         np.testing.assert_array_equal(model.rank(samples), expected, err_msg=name)
         top = model.topk(samples, k=30)
         assert [list(row).index(r[2]) + 1 for row, r in zip(top, raw)] == expected
+
+
+def test_nearest_location_ranks_hand_worked():
+    # four places on the equator at longitudes 0, 1, 3, 2 degrees; a fifth at the same point as place 1
+    lat = np.zeros(5)
+    lon = np.array([0.0, 1.0, 3.0, 2.0, 1.0])
+    last = np.array([0, 0, 0, 2, 1])
+    target = np.array([3, 1, 4, 1, 1])
+    # from 0: 0 (d 0), 1 and 4 (d 1, table order), 3 (d 2), 2 (d 3); from 2: 2, 3, then 1 and 4; from 1: 1, 4
+    np.testing.assert_array_equal(nearest_location_ranks(last, target, lat, lon), [4, 2, 3, 3, 1])
+    # candidates restricted to {2, 3, 4}: targets outside are inf
+    allowed = np.array([False, False, True, True, True])
+    np.testing.assert_array_equal(nearest_location_ranks(last, target, lat, lon, allowed, batch_size=2),
+                                  [2, np.inf, 1, np.inf, np.inf])
+    with pytest.raises(ValueError, match="target_index"):
+        nearest_location_ranks([0], [5], lat, lon)
+    with pytest.raises(ValueError, match="candidates"):
+        nearest_location_ranks([0], [1], lat, lon, np.ones(3, bool))

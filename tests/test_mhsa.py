@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 from pathlib import Path
 
@@ -266,6 +267,59 @@ def test_loss_falls_on_a_learnable_task(encoder):
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), (losses[:10], losses[-10:])
 
 
+def test_history_features_hand_computed():
+    model = tiny_model("id", history_bias=True)
+    # history a=2, b=5, a=2, c=7 (then padding)
+    input_ids = torch.tensor([[2, 5, 2, 7, 0, 0]])
+    valid = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    features = model.history_features(input_ids, valid)
+    assert features.shape == (1, NUM_LOCATIONS, 3)
+    expected = torch.zeros(NUM_LOCATIONS, 3)
+    expected[2] = torch.tensor([1.0, math.log(3.0), 1 / 2])  # twice, one visit after its last
+    expected[5] = torch.tensor([1.0, math.log(2.0), 1 / 3])
+    expected[7] = torch.tensor([1.0, math.log(2.0), 1.0])  # the last visit
+    torch.testing.assert_close(features[0], expected)  # padding (row 0) adds nothing
+    subset = model.history_features(input_ids, valid, torch.tensor([7, 0, 2]))
+    torch.testing.assert_close(subset[0], expected[[7, 0, 2]])
+
+
+def test_history_bias_copies_from_the_history_for_places_never_trained_on():
+    # the target is the oldest visit of a 3-visit history: learnable from the history features alone, so a place
+    # whose features were never seen in training is predicted when it is in the history
+    torch.manual_seed(0)
+    n = 40
+    config = tiny_config("features", history_bias=True, location_ids=[f"l{i}" for i in range(n)],
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, head_dropout_prob=0.0)
+    model = MHSAForNextLocation(config)
+    model.set_location_features(torch.randn(n, FEATURE_DIM, generator=torch.Generator().manual_seed(1)))
+    trained = np.arange(n) < 20
+    model.set_candidate_mask(trained)
+
+    def batch(rng, pool, size=32):
+        hist = np.stack([rng.choice(pool, 3, replace=False) for _ in range(size)])
+        return {"input_ids": torch.from_numpy(hist), "time_ids": torch.zeros(size, 3, 3, dtype=torch.long),
+                "target_time_ids": torch.zeros(size, 3, dtype=torch.long)}, torch.from_numpy(hist[:, 0])
+
+    rng = np.random.default_rng(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(150):
+        inputs, labels = batch(rng, np.arange(20))
+        loss = model(**inputs, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.set_candidate_mask(np.ones(n, dtype=bool))
+    inputs, labels = batch(np.random.default_rng(1), np.arange(20, n), size=200)  # only never-trained places
+    with torch.no_grad():
+        accuracy = (model(**inputs).logits.argmax(1) == labels).float().mean().item()
+    assert accuracy > 0.9, accuracy
+    # the layer exists only when asked for
+    plain = MHSAForNextLocation(tiny_config("features", location_ids=config.location_ids))
+    assert plain.history_bias_weights is None and "history_bias_weights.weight" in model.state_dict()
+
+
 @pytest.mark.parametrize("encoder", ["id", "features"])
 def test_save_load_round_trip(tmp_path, encoder):
     model = tiny_model(encoder)
@@ -401,6 +455,11 @@ def test_train_and_evaluate_id_variant(prepared_dir, tmp_path):
     unseen = model_res["unseen"]
     assert unseen["num_samples"] > 0
     assert unseen["acc@20"] == 0.0 and unseen["mrr"] == 0.0  # learned IDs cannot predict unseen places
+    assert model_res["unseen_candidates"]["mrr"] == 0.0  # not even among the unseen places alone
+    nearest = report["results"]["nearest"]
+    assert nearest["num_samples"] == test_rows and nearest["unseen"]["num_samples"] == unseen["num_samples"]
+    # among the few held-out places, the nearest one to the last visit is often right
+    assert nearest["unseen_candidates"]["mrr"] > nearest["unseen"]["mrr"] > 0.0
     card = (run / "README.md").read_text()
     assert "| mhsa-id |" in card and "2506.14070" in card and "How do you go where" in card
     assert (run / "model" / "model.safetensors").is_file()
@@ -418,6 +477,9 @@ def test_train_and_evaluate_features_variant(prepared_dir, tmp_path):
     report = json.loads((tmp_path / "run-feat" / "metrics.json").read_text())
     model_res = report["results"]["mhsa-features"]
     assert model_res["unseen"]["mrr"] > 0.0  # every unseen target gets a finite rank
+    among = model_res["unseen_candidates"]
+    assert among["num_samples"] == model_res["unseen"]["num_samples"] and among["mrr"] >= model_res["unseen"]["mrr"]
+    assert bool(result.model.candidate_mask.all())  # trained on the training locations, saved with all as candidates
     assert report == result.report
     data = load_prepared(prepared_dir)
     coords = np.stack([data.table("locations").column("longitude").to_numpy(),

@@ -10,6 +10,9 @@ and finally by location id (the order of the location table):
 - ``markov``: the user's training transitions from the last history location, then the global transitions from it,
   then the user's visits, then popularity (per-user Markov-1 with back-off).
 
+``nearest_location_ranks`` is the distance-only rule (rank candidates by great-circle distance from the last visited
+location); the MHSA evaluation reports it, also restricted to the places never seen in training (inductive split).
+
 For grids, ``slot-mode`` predicts for each target (d, t) the user's most visited cell at that slot on the same day type
 (weekday/weekend) during the input days, backed off to the user's most visited cell, then the global one.
 """
@@ -25,6 +28,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from dataset_builders.descriptions import unit_xyz
 from dataset_builders.schema import HIDDEN_CELL
 
 __all__ = [
@@ -33,6 +37,7 @@ __all__ = [
     "CheckinBaseline",
     "explode_grid_samples",
     "fit_checkin_baseline",
+    "nearest_location_ranks",
     "slot_mode_predictions",
 ]
 
@@ -208,6 +213,48 @@ class CheckinBaseline:
                     head = np.concatenate([head, fill])
                 out[lo + i] = self.location_ids[head]
         return out
+
+
+def nearest_location_ranks(
+    last_index, target_index, latitude, longitude, candidates=None, *, batch_size: int = 256
+) -> np.ndarray:
+    """1-based rank of each target among the candidates ordered by great-circle distance from the sample's last
+    visited location (nearest first; equal distances in location-table order); ``np.inf`` when the target is not a
+    candidate.
+
+    Args:
+        last_index (array-like of int ``(N,)``): location-table row of each sample's last history visit.
+        target_index (array-like of int ``(N,)``): location-table row of each target.
+        latitude, longitude (array-like of float ``(L,)``): coordinates of the location table, in degrees.
+        candidates (array-like of bool ``(L,)``, *optional*): the locations that may be ranked (default: all).
+        batch_size (``int``, *optional*, defaults to 256): samples per dense ``(batch, L)`` distance block.
+    """
+    last = np.asarray(last_index, dtype=np.int64)
+    target = np.asarray(target_index, dtype=np.int64)
+    xyz = unit_xyz(np.asarray(latitude, dtype=np.float64), np.asarray(longitude, dtype=np.float64))
+    num = len(xyz)
+    if last.shape != target.shape or last.ndim != 1:
+        raise ValueError(f"last_index and target_index must be 1-D of equal length, got {last.shape}, {target.shape}")
+    for name, idx in (("last_index", last), ("target_index", target)):
+        if len(idx) and (idx.min() < 0 or idx.max() >= num):
+            raise ValueError(f"{name} must hold location-table rows in [0, {num})")
+    allowed = np.ones(num, dtype=bool) if candidates is None else np.asarray(candidates, dtype=bool)
+    if allowed.shape != (num,):
+        raise ValueError(f"candidates must be a bool array of shape ({num},), got shape {allowed.shape}")
+    cand_rows = np.flatnonzero(allowed)
+    cand_xyz = xyz[cand_rows]
+    ranks = np.full(len(target), np.inf)
+    for lo in range(0, len(target), batch_size):
+        hi = min(lo + batch_size, len(target))
+        ok = allowed[target[lo:hi]]
+        if not ok.any():
+            continue
+        rows = np.arange(lo, hi)[ok]
+        dist = ((xyz[last[rows]][:, None, :] - cand_xyz[None, :, :]) ** 2).sum(-1)  # squared chords (B, C)
+        d_target = ((xyz[last[rows]] - xyz[target[rows]]) ** 2).sum(-1)[:, None]
+        ahead = (dist < d_target) | ((dist == d_target) & (cand_rows[None, :] < target[rows][:, None]))
+        ranks[rows] = 1 + ahead.sum(1)
+    return ranks
 
 
 def fit_checkin_baseline(name: str, train_checkins: pd.DataFrame, location_ids) -> CheckinBaseline:

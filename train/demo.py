@@ -266,7 +266,9 @@ def _calliper_lines(conventional: dict, inductive: dict | None, out: Path) -> li
         f"{cal['val_loss_chance']:.3f}), location->text top-1 {100 * cal['val_top1_accuracy']:.1f}% (chance "
         f"{100 * cal['val_top1_chance']:.1f}%). The MHSA predictor (`train/recipes/mhsa_demo.yaml`) "
         "reads either learned location IDs (**mhsa-id**) or the frozen CaLLiPer embeddings (**mhsa-calliper**, with a "
-        "learned residual for locations seen in training) and scores every location of the table.",
+        "learned residual for locations seen in training) and scores every location of the table; both add a score "
+        "from the sample's own history (whether, how often and how recently each place was visited; recipe key "
+        "`history_bias`, an hf-mobility choice). **nearest** ranks places by distance from the last visit.",
         "",
         "Conventional split:",
         "",
@@ -274,9 +276,11 @@ def _calliper_lines(conventional: dict, inductive: dict | None, out: Path) -> li
         "",
     ]
     if "mhsa-calliper" in res and "markov" in res:
-        diffs = [f"{m.capitalize()} {100 * (res['mhsa-calliper'][m] - res['markov'][m]):+.1f} points"
-                 for m in ("acc@1", "acc@5")]
-        lines += [f"mhsa-calliper vs Markov-1: {', '.join(diffs)}.", ""]
+        simple = [n for n in res if not n.startswith("mhsa")]
+        strongest = max(simple, key=lambda n: res[n]["mrr"])
+        versus = [f"{name} ({', '.join(_point_diffs(res['mhsa-calliper'], res[name], ('acc@1', 'acc@5', 'mrr')))})"
+                  for name in dict.fromkeys(["markov", strongest])]
+        lines += [f"mhsa-calliper vs {' and vs the strongest simple baseline by MRR, '.join(versus)}.", ""]
     if inductive is not None:
         ires = inductive["report"]["results"]
         import json
@@ -292,18 +296,24 @@ def _calliper_lines(conventional: dict, inductive: dict | None, out: Path) -> li
                       if counts.get("inductive") and counts.get("conventional") else "")
         lines += [
             "Inductive split (10% of the training locations held out: CaLLiPer and MHSA never saw them; the test "
-            f"samples are those that touch them).{trained_on} History-frequency can rank an unseen target because it "
-            "already appears in the test histories; the models cannot copy from the history.",
+            f"samples are those that touch them).{trained_on} Held-out places do appear in the test histories, so "
+            "history-frequency and the models' history score can rank an unseen target by returning to it; the "
+            "last table asks only which of the held-out places comes next.",
             "",
             format_results_table(inductive["report"]),
             "",
         ]
-        unseen = {n: r["unseen"] for n, r in ires.items() if "unseen" in r}
-        if "mhsa-calliper" in unseen and "mhsa-id" in unseen:
-            lines += [f"On targets never seen in training, mhsa-id reaches Acc@20 {100 * unseen['mhsa-id']['acc@20']:.1f}"
-                      f" (an ID table cannot rank them) and mhsa-calliper Acc@20 "
-                      f"{100 * unseen['mhsa-calliper']['acc@20']:.1f} / MRR {100 * unseen['mhsa-calliper']['mrr']:.1f}.",
-                      ""]
+        if all("unseen_candidates" in ires.get(n, {}) for n in ("mhsa-calliper", "mhsa-id", "nearest")):
+            cal, near = ires["mhsa-calliper"], ires["nearest"]
+            lines += [
+                f"On targets never seen in training ({cal['unseen']['num_samples']:,} samples): mhsa-id "
+                f"Acc@5 {100 * ires['mhsa-id']['unseen']['acc@5']:.1f} (an ID table cannot rank them); mhsa-calliper "
+                f"Acc@5 {100 * cal['unseen']['acc@5']:.1f} among all places (nearest to the last visit: "
+                f"{100 * near['unseen']['acc@5']:.1f}) and {100 * cal['unseen_candidates']['acc@5']:.1f} among the "
+                f"held-out places (nearest held-out place: {100 * near['unseen_candidates']['acc@5']:.1f}; "
+                f"{', '.join(_point_diffs(cal['unseen_candidates'], near['unseen_candidates'], ('acc@1', 'acc@5', 'mrr')))}).",
+                "",
+            ]
     lines += ["![CaLLiPer embeddings](calliper_embeddings.png)", ""]
     runs = {**conventional["runs"], **({f"{k} (inductive)": v for k, v in inductive["runs"].items()}
                                        if inductive else {})}
@@ -313,6 +323,12 @@ def _calliper_lines(conventional: dict, inductive: dict | None, out: Path) -> li
     lines += [f"| {name} | `{folder}` | {secs.get(name, float('nan')):.0f} |" for name, folder in runs.items()]
     lines.append("")
     return lines
+
+
+def _point_diffs(model: dict, baseline: dict, metrics: tuple[str, ...]) -> list[str]:
+    """`["Acc@1 +3.1 points", ...]`: the model minus the baseline, x100."""
+    return [f"{m.replace('acc', 'Acc').replace('mrr', 'MRR')} {100 * (model[m] - baseline[m]):+.1f} points"
+            for m in metrics]
 
 
 def _qtmob_lines(result: dict, out: Path, baselines: dict) -> list[str]:

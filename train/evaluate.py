@@ -140,12 +140,15 @@ def format_results_table(report: dict) -> str:
         lines.append("|---|" + "---:|" * (len(cols) + 1))
         for name, res in results.items():
             lines.append(f"| {name} | " + " | ".join(f"{100 * res[c]:.2f}" for c in cols) + f" | {res['num_samples']:,} |")
-        unseen = {n: r["unseen"] for n, r in results.items() if "unseen" in r}
-        if unseen:
-            lines += ["", "Samples whose target is an unseen (held-out) location:", "",
-                      "| model | " + " | ".join(_HEADERS[c] for c in cols) + " | samples |",
+        parts = (("unseen", "Samples whose target is an unseen (held-out) location, every location a candidate:"),
+                 ("unseen_candidates", "The same samples, only the unseen (held-out) locations as candidates:"))
+        for key, title in parts:
+            subset = {n: r[key] for n, r in results.items() if key in r}
+            if not subset:
+                continue
+            lines += ["", title, "", "| model | " + " | ".join(_HEADERS[c] for c in cols) + " | samples |",
                       "|---|" + "---:|" * (len(cols) + 1)]
-            for name, res in unseen.items():
+            for name, res in subset.items():
                 lines.append(f"| {name} | " + " | ".join(f"{100 * res[c]:.2f}" for c in cols) +
                              f" | {res['num_samples']:,} |")
         return "\n".join(lines)

@@ -57,6 +57,7 @@ from dataset_builders.preprocess import local_time_features
 from dataset_builders.publish import PreparedDataset, load_prepared
 from modeling_mobility.mhsa import MHSAConfig, MHSAForNextLocation
 
+from .baselines import nearest_location_ranks
 from .evaluate import evaluate_baselines, format_results_table, write_json_atomic, write_text_atomic
 from .metrics import ranking_metrics, ranks_from_scores
 from .recipe import coerce_fields, read_recipe
@@ -98,6 +99,9 @@ class MHSARecipe:
             embedding for every location seen in training (see [`MHSAConfig`]; an hf-mobility choice: nearby places
             of the same kind have nearly equal frozen embeddings). `false` = features only, as in the paper's input
             layer.
+        history_bias (`bool`, *optional*, defaults to `False`): add the history bias of [`MHSAConfig`] (an
+            hf-mobility choice: a query-weighted score from whether, how often and how recently the sample's user
+            visited each candidate; applies to unseen locations too). Off in the paper recipe, on in the demo's.
         hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_dropout_prob,
         attention_probs_dropout_prob, head_dropout_prob, head_norm, use_user_embedding, use_target_time:
             the architecture, see [`MHSAConfig`] (paper: 128, 6, 8, 256, 0.1, 0.1, 0.1, batch_norm, true, true).
@@ -129,6 +133,7 @@ class MHSARecipe:
     output_dir: str | None = None
     location_encoder: str = "id"
     location_residual: bool = True
+    history_bias: bool = False
     hidden_size: int = 128
     num_hidden_layers: int = 6
     num_attention_heads: int = 8
@@ -180,7 +185,7 @@ class MHSARecipe:
         """The architecture keys, as [`MHSAConfig`] arguments."""
         keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_dropout_prob",
                 "attention_probs_dropout_prob", "head_dropout_prob", "head_norm", "use_user_embedding",
-                "use_target_time")
+                "use_target_time", "history_bias")
         return {k: getattr(self, k) for k in keys}
 
     def to_dict(self) -> dict[str, Any]:
@@ -527,6 +532,9 @@ def _train_mhsa(data_dir, output_dir, location_encoder, recipe: MHSARecipe) -> M
         model.fit_feature_standardization(trained)  # statistics of the locations seen in training only
         if model.location_residuals is not None:
             model.set_residual_mask(trained)  # unseen locations keep a zero residual: features only
+        # While training, only the locations of the training samples are candidates: the others do not exist yet
+        # (inductive setting) and must not be taught to score low as constant negatives. All are candidates after.
+        model.set_candidate_mask(trained)
 
     steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
     warmup_steps = int(round(recipe.warmup_epochs * steps_per_epoch))
@@ -588,6 +596,8 @@ def _train_mhsa(data_dir, output_dir, location_encoder, recipe: MHSARecipe) -> M
             hf_logging.enable_progress_bar()
     trainer.save_state()
     model = trainer.model.eval()
+    if not use_ids:
+        model.set_candidate_mask(np.ones(len(location_ids), dtype=bool))  # every location with features is ranked
 
     history = list(trainer.state.log_history)
     epochs_run = max((int(round(e.get("epoch", 0))) for e in history), default=0)
@@ -666,8 +676,11 @@ def evaluate_mhsa(
 
     Ranks are 1-based, ties broken by location-table order (`train.metrics.ranks_from_scores`); a target the model
     cannot predict (an untrained ID of the ID variant, score `-inf`) counts as a miss (rank `inf`). The baselines of
-    `train.evaluate` are scored on exactly the same samples. Metrics over all samples, and in `"unseen"` over the
-    samples whose target is an unseen (held-out) location when the split has any.
+    `train.evaluate` are scored on exactly the same samples, and so is `nearest` (candidates by distance from the
+    last visited location, `train.baselines.nearest_location_ranks`). Metrics over all samples, in `"unseen"` over
+    the samples whose target is an unseen (held-out) location when the split has any, and in `"unseen_candidates"`
+    over the same samples with only the held-out locations as candidates (the model and `nearest`: "given that the
+    next place is a new one, which one?").
 
     Args:
         run_dir (`str` or `os.PathLike`): a run folder of [`train_mhsa`] (`model/` and `run_info.json`).
@@ -731,9 +744,27 @@ def evaluate_mhsa(
     unseen = ~samples.target_seen
     if unseen.any():
         model_res["unseen"] = ranking_metrics(ranks[unseen])
+    locations = _location_columns(data, config.location_ids)
+    heldout = locations["heldout"]
+    if unseen.any() and heldout.any():
+        # "given that the next place is a new one, which?": only the held-out locations are candidates
+        unseen_rows = np.flatnonzero(unseen)
+        allowed = mask & heldout
+        model_res["unseen_candidates"] = ranking_metrics(
+            _ranks_among(model, samples, unseen_rows, allowed, batch_size, device)
+        )
     report = evaluate_baselines(data, "all", split=split, sample_ids=samples.sample_ids)
+    last = samples.history_index[samples.offsets[1:] - 1]
+    nearest = nearest_location_ranks(last, samples.target_index, locations["latitude"], locations["longitude"])
+    nearest_res = ranking_metrics(nearest)
+    if unseen.any():
+        nearest_res["unseen"] = ranking_metrics(nearest[unseen])
+        if heldout.any():
+            nearest_res["unseen_candidates"] = ranking_metrics(nearest_location_ranks(
+                last[unseen], samples.target_index[unseen], locations["latitude"], locations["longitude"], heldout
+            ))
     name = info.get("name", "mhsa")
-    report["results"] = {name: model_res, **report["results"]}
+    report["results"] = {name: model_res, **report["results"], "nearest": nearest_res}
     report.update(
         run=str(run),
         location_encoder=info.get("location_encoder"),
@@ -748,6 +779,37 @@ def evaluate_mhsa(
     logger.info("%s on %s: acc@1 %.4f, mrr %.4f over %d samples (%.0f predictions/s)", name, split,
                 model_res["acc@1"], model_res["mrr"], len(samples), len(samples) / max(seconds, 1e-9))
     return report
+
+
+def _location_columns(data, location_ids) -> dict[str, np.ndarray]:
+    """Latitude, longitude and the held-out flag (all false outside the inductive split) of `location_ids`."""
+    table = data.table("locations").to_pandas().set_index("location_id")
+    missing = [i for i in location_ids if i not in table.index][:5]
+    if missing:
+        raise ValueError(f"{data.path}: location(s) {missing} of the model are not in the location table")
+    table = table.loc[list(location_ids)]
+    held = table["heldout"].fillna(False).to_numpy(dtype=bool) if "heldout" in table else np.zeros(len(table), bool)
+    return {"latitude": table["latitude"].to_numpy(np.float64), "longitude": table["longitude"].to_numpy(np.float64),
+            "heldout": held}
+
+
+def _ranks_among(model, samples: MHSASamples, rows: np.ndarray, allowed: np.ndarray, batch_size: int,
+                 device) -> np.ndarray:
+    """Ranks of the targets of `rows` when only the `allowed` locations are candidates (others rank `inf`)."""
+    ranks = np.full(len(rows), np.inf)
+    if not allowed.any():
+        return ranks
+    with torch.inference_mode():
+        for lo in range(0, len(rows), batch_size):
+            part = rows[lo : lo + batch_size]
+            batch = samples.batch(part)
+            labels = batch.pop("labels").numpy()
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy()
+            logits[:, ~allowed] = -np.inf
+            got = ranks_from_scores(logits, labels)
+            got[~allowed[labels]] = np.inf
+            ranks[lo : lo + len(part)] = got
+    return ranks
 
 
 # ---------------------------------------------------------------------------------------------------------------------

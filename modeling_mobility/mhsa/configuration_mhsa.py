@@ -109,6 +109,13 @@ class MHSAConfig(PreTrainedConfig):
             residual and are represented by their features alone. Frozen coordinate-text embeddings of nearby places
             of the same kind are nearly equal, so without it the model can hardly tell two such places apart; the
             published model gets this capacity from its softmax layer over training IDs.
+        history_bias (`bool`, *optional*, defaults to `False`):
+            An hf-mobility choice (not in the published model): add to every candidate's score a bias computed from
+            the sample's own history, `w(q) . [visited, log(1 + visits), 1 / (1 + visits since its last visit)]`, with
+            weights `w(q)` predicted from the query by a linear layer. People mostly return to places they know; the
+            bias depends on the place's role in the history, never on its identity, so it applies equally to a place
+            never seen in training (inductive setting) and lets the model "copy" from the history. Off in the paper
+            recipes.
         hidden_size (`int`, *optional*, defaults to 128):
             Model width `d` (`base_emb_size` in the mie-lab code).
         num_hidden_layers (`int`, *optional*, defaults to 6):
@@ -160,6 +167,7 @@ class MHSAConfig(PreTrainedConfig):
         location_feature_dim: int = 128,
         location_features_source: str | None = None,
         location_residual: bool = False,
+        history_bias: bool = False,
         hidden_size: int = 128,
         num_hidden_layers: int = 6,
         num_attention_heads: int = 8,
@@ -200,6 +208,7 @@ class MHSAConfig(PreTrainedConfig):
         self.location_residual = _check_bool("location_residual", location_residual)
         if self.location_residual and self.location_encoder != "features":
             raise ValueError("`location_residual=True` needs `location_encoder='features'` (the ID variant is all ID).")
+        self.history_bias = _check_bool("history_bias", history_bias)
         self.hidden_size = _check_int("hidden_size", hidden_size, 1)
         self.num_hidden_layers = _check_int("num_hidden_layers", num_hidden_layers, 1)
         self.num_attention_heads = _check_int("num_attention_heads", num_attention_heads, 1)

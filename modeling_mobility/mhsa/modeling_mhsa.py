@@ -53,6 +53,7 @@ logger = logging.get_logger(__name__)
 # columns of `time_ids`: hour of day, quarter of the hour, weekday (0 = Monday); their vocabulary sizes
 NUM_TIME_FEATURES = (24, 4, 7)
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+NUM_HISTORY_FEATURES = 3  # visited, log(1 + visits), recency (see `MHSAForNextLocation.history_features`)
 
 
 def time_ids_from_timestamps(timestamps, tz_offset_min=0, day0_weekday: int = 3) -> torch.LongTensor:
@@ -285,6 +286,8 @@ class MHSAForNextLocation(MHSAPreTrainedModel):
         )
         self.target_time_embeddings = MHSATimeEmbedding(d) if config.use_target_time else None
         self.head = MHSAHead(config)
+        # weights of the history features [visited, log(1 + visits), recency] per sample, from the query
+        self.history_bias_weights = nn.Linear(d, NUM_HISTORY_FEATURES) if config.history_bias else None
         self._lookups: dict[str, tuple[int, dict[str, int]]] = {}
         self.post_init()
 
@@ -304,6 +307,33 @@ class MHSAForNextLocation(MHSAPreTrainedModel):
         return self.location_output_projection(self._standardized_features(candidate_indices)) + self._residuals(
             candidate_indices
         )
+
+    def history_features(
+        self,
+        input_ids: torch.LongTensor,
+        valid: torch.Tensor,
+        candidate_indices: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        """Per sample and candidate, `(visited, log(1 + visits), recency)` from the sample's history, shape
+        `(batch_size, num_candidates, 3)`; recency is `1 / (1 + k)` where `k` is the number of visits after the last
+        visit to the candidate (1 for the last visited location), 0 when the candidate is not in the history.
+
+        Args:
+            input_ids (`torch.LongTensor` `(batch_size, sequence_length)`): location-table rows of the history.
+            valid (`torch.Tensor` `(batch_size, sequence_length)`): true (or 1) for visits, false for padding.
+            candidate_indices (`torch.LongTensor` `(num_candidates,)`, *optional*): the candidates (default: all).
+        """
+        valid = valid.bool()
+        batch = input_ids.shape[0]
+        counts = torch.zeros(batch, self.config.num_locations, device=input_ids.device)
+        counts.scatter_add_(1, input_ids, valid.float())
+        # visits after each step: (number of valid steps) - (valid steps up to and including it)
+        after = valid.sum(1, keepdim=True) - valid.long().cumsum(1)
+        recency_steps = torch.where(valid, 1.0 / (1.0 + after.float()), torch.zeros((), device=input_ids.device))
+        recency = torch.zeros_like(counts).scatter_reduce_(1, input_ids, recency_steps, reduce="amax")
+        if candidate_indices is not None:
+            counts, recency = counts[:, candidate_indices], recency[:, candidate_indices]
+        return torch.stack([(counts > 0).float(), torch.log1p(counts), recency], dim=-1)
 
     def _residuals(self, indices: torch.LongTensor | None = None):
         """Learned residuals of the locations in `residual_mask` (zero for the others, which get no gradient)."""
@@ -359,7 +389,9 @@ class MHSAForNextLocation(MHSAPreTrainedModel):
         """Set which locations may be predicted (`(num_locations,)` bools; the others score `-inf`).
 
         The training script marks, for the ID variant, the locations that occurred in the training samples: the ID
-        rows of the others are untrained.
+        rows of the others are untrained. For the feature variant it uses the same mask while training only (places
+        absent from the training data are not negatives of every step) and saves the model with every location a
+        candidate.
         """
         mask = torch.as_tensor(np.asarray(mask) if not torch.is_tensor(mask) else mask)
         if mask.shape != (self.config.num_locations,) or mask.dtype != torch.bool:
@@ -649,6 +681,9 @@ class MHSAForNextLocation(MHSAPreTrainedModel):
         else:
             allowed_candidates = self.candidate_mask
         logits = query @ self.candidate_embeddings(candidate_indices).t()  # (B, C)
+        if self.history_bias_weights is not None:
+            features = self.history_features(input_ids, valid, candidate_indices).to(logits.dtype)  # (B, C, 3)
+            logits = logits + (features @ self.history_bias_weights(query).unsqueeze(-1)).squeeze(-1)
         logits = logits.masked_fill(~allowed_candidates[None, :], float("-inf"))
 
         loss = None
