@@ -269,6 +269,7 @@ def test_loss_falls_on_a_learnable_task(encoder):
 
 def test_history_features_hand_computed():
     model = tiny_model("id", history_bias=True)
+    assert torch.equal(model.history_bias.weight, torch.ones(1, 3))  # the prior: history places score higher
     # history a=2, b=5, a=2, c=7 (then padding)
     input_ids = torch.tensor([[2, 5, 2, 7, 0, 0]])
     valid = torch.tensor([[1, 1, 1, 1, 0, 0]])
@@ -283,41 +284,27 @@ def test_history_features_hand_computed():
     torch.testing.assert_close(subset[0], expected[[7, 0, 2]])
 
 
-def test_history_bias_copies_from_the_history_for_places_never_trained_on():
-    # the target is the oldest visit of a 3-visit history: learnable from the history features alone, so a place
-    # whose features were never seen in training is predicted when it is in the history
-    torch.manual_seed(0)
-    n = 40
-    config = tiny_config("features", history_bias=True, location_ids=[f"l{i}" for i in range(n)],
-                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, head_dropout_prob=0.0)
-    model = MHSAForNextLocation(config)
-    model.set_location_features(torch.randn(n, FEATURE_DIM, generator=torch.Generator().manual_seed(1)))
-    trained = np.arange(n) < 20
-    model.set_candidate_mask(trained)
-
-    def batch(rng, pool, size=32):
-        hist = np.stack([rng.choice(pool, 3, replace=False) for _ in range(size)])
-        return {"input_ids": torch.from_numpy(hist), "time_ids": torch.zeros(size, 3, 3, dtype=torch.long),
-                "target_time_ids": torch.zeros(size, 3, dtype=torch.long)}, torch.from_numpy(hist[:, 0])
-
-    rng = np.random.default_rng(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(150):
-        inputs, labels = batch(rng, np.arange(20))
-        loss = model(**inputs, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    model.set_candidate_mask(np.ones(n, dtype=bool))
-    inputs, labels = batch(np.random.default_rng(1), np.arange(20, n), size=200)  # only never-trained places
+def test_history_bias_adds_the_weighted_history_features_also_for_new_places():
+    model = tiny_model("features", history_bias=True)
+    model.set_location_features(torch.randn(1, FEATURE_DIM), ["brand_new"], append=True)  # never trained
+    batch = random_batch(batch=4, length=6, seed=5)
+    batch["input_ids"][:, 0] = NUM_LOCATIONS  # every history starts at the new place
+    valid = batch["attention_mask"].bool()
     with torch.no_grad():
-        accuracy = (model(**inputs).logits.argmax(1) == labels).float().mean().item()
-    assert accuracy > 0.9, accuracy
-    # the layer exists only when asked for
-    plain = MHSAForNextLocation(tiny_config("features", location_ids=config.location_ids))
-    assert plain.history_bias_weights is None and "history_bias_weights.weight" in model.state_dict()
+        model.history_bias.weight.copy_(torch.tensor([[0.5, -1.0, 3.0]]))
+        with_bias = model(**batch).logits
+        features = model.history_features(batch["input_ids"], valid)
+        model.history_bias.weight.zero_()
+        without = model(**batch).logits
+    assert features[:, NUM_LOCATIONS, 0].eq(1).all()  # the new place is "visited" in every sample
+    torch.testing.assert_close(with_bias - without, features @ torch.tensor([0.5, -1.0, 3.0]))
+    with torch.no_grad():  # a large recency weight puts the last visit first, whatever its features
+        model.history_bias.weight.copy_(torch.tensor([[0.0, 0.0, 1000.0]]))
+        top = model(**batch).logits.argmax(1)
+    last = batch["input_ids"][torch.arange(4), batch["attention_mask"].sum(1) - 1]
+    assert torch.equal(top, last)
+    plain = MHSAForNextLocation(tiny_config("features"))
+    assert plain.history_bias is None and "history_bias.weight" in model.state_dict()
 
 
 @pytest.mark.parametrize("encoder", ["id", "features"])

@@ -100,7 +100,7 @@ class MHSARecipe:
             of the same kind have nearly equal frozen embeddings). `false` = features only, as in the paper's input
             layer.
         history_bias (`bool`, *optional*, defaults to `False`): add the history bias of [`MHSAConfig`] (an
-            hf-mobility choice: a query-weighted score from whether, how often and how recently the sample's user
+            hf-mobility choice: a learned weighted score from whether, how often and how recently the sample's user
             visited each candidate; applies to unseen locations too). Off in the paper recipe, on in the demo's.
         hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_dropout_prob,
         attention_probs_dropout_prob, head_dropout_prob, head_norm, use_user_embedding, use_target_time:

@@ -111,8 +111,8 @@ class MHSAConfig(PreTrainedConfig):
             published model gets this capacity from its softmax layer over training IDs.
         history_bias (`bool`, *optional*, defaults to `False`):
             An hf-mobility choice (not in the published model): add to every candidate's score a bias computed from
-            the sample's own history, `w(q) . [visited, log(1 + visits), 1 / (1 + visits since its last visit)]`, with
-            weights `w(q)` predicted from the query by a linear layer. People mostly return to places they know; the
+            the sample's own history, `w . [visited, log(1 + visits), 1 / (1 + visits since its last visit)]`, with
+            three learned weights `w`. People mostly return to places they know; the
             bias depends on the place's role in the history, never on its identity, so it applies equally to a place
             never seen in training (inductive setting) and lets the model "copy" from the history. Off in the paper
             recipes.

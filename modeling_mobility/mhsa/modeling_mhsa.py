@@ -54,6 +54,7 @@ logger = logging.get_logger(__name__)
 NUM_TIME_FEATURES = (24, 4, 7)
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 NUM_HISTORY_FEATURES = 3  # visited, log(1 + visits), recency (see `MHSAForNextLocation.history_features`)
+HISTORY_BIAS_INIT = 1.0  # initial weight of each history feature
 
 
 def time_ids_from_timestamps(timestamps, tz_offset_min=0, day0_weekday: int = 3) -> torch.LongTensor:
@@ -223,6 +224,9 @@ class MHSAPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
         elif isinstance(module, MHSAForNextLocation):
             init.ones_(module.candidate_mask)
+            if module.history_bias is not None:
+                # prior: a place of the history is more likely, more so when visited often or recently
+                init.constant_(module.history_bias.weight, HISTORY_BIAS_INIT)
             if module.location_residuals is not None:
                 init.zeros_(module.location_residuals.weight)
                 init.zeros_(module.residual_mask)
@@ -286,8 +290,8 @@ class MHSAForNextLocation(MHSAPreTrainedModel):
         )
         self.target_time_embeddings = MHSATimeEmbedding(d) if config.use_target_time else None
         self.head = MHSAHead(config)
-        # weights of the history features [visited, log(1 + visits), recency] per sample, from the query
-        self.history_bias_weights = nn.Linear(d, NUM_HISTORY_FEATURES) if config.history_bias else None
+        # learned weights of the history features [visited, log(1 + visits), recency]
+        self.history_bias = nn.Linear(NUM_HISTORY_FEATURES, 1, bias=False) if config.history_bias else None
         self._lookups: dict[str, tuple[int, dict[str, int]]] = {}
         self.post_init()
 
@@ -681,9 +685,9 @@ class MHSAForNextLocation(MHSAPreTrainedModel):
         else:
             allowed_candidates = self.candidate_mask
         logits = query @ self.candidate_embeddings(candidate_indices).t()  # (B, C)
-        if self.history_bias_weights is not None:
+        if self.history_bias is not None:
             features = self.history_features(input_ids, valid, candidate_indices).to(logits.dtype)  # (B, C, 3)
-            logits = logits + (features @ self.history_bias_weights(query).unsqueeze(-1)).squeeze(-1)
+            logits = logits + self.history_bias(features).squeeze(-1)
         logits = logits.masked_fill(~allowed_candidates[None, :], float("-inf"))
 
         loss = None
