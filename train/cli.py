@@ -214,6 +214,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, type=Path, help="a folder written by `mobility data prepare`")
     ev.add_argument("--split", default="test", help="split to score (default test)")
     ev.add_argument("--out", type=Path, default=None, help="write the metrics JSON here (default DATA/metrics.json)")
+    ev.add_argument("--predictions", type=Path, default=None,
+                    help="with a Llama-3-8B-Mob RUN_DIR: score this uid,d,t,x,y CSV (from `mobility predict`) "
+                    "instead of predicting again")
+
+    pr = sub.add_parser(
+        "predict",
+        help="write a Llama-3-8B-Mob run's grid predictions (uid,d,t,x,y) for a split",
+        description="Answer the split's humob-qa prompts (from the run's instructions/) with the run's model, batched "
+        "greedy generation; parse the JSON answers tolerantly and answer every asked (d, t) exactly once: missing or "
+        "unusable slots are filled from the per-user slot-mode baseline, slots not asked are dropped; all counted.",
+    )
+    pr.add_argument("run_dir", type=Path, help="a run folder of `mobility train sft` on humob-qa rows")
+    pr.add_argument("--data", required=True, type=Path, help="the prepared grid dataset of the instructions")
+    pr.add_argument("--split", default="test", help="split to predict: test (default), validation or hidden")
+    pr.add_argument("--out", type=Path, default=None, help="CSV to write (default RUN/predictions_SPLIT.csv)")
+    pr.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default 8; 1 = off)")
+    pr.add_argument("--max-users", type=int, default=None, help="only the first N users of the split")
 
     push = sub.add_parser(
         "push",
@@ -399,7 +416,26 @@ def _run_method(run_dir: Path) -> str | None:
 def _evaluate(args) -> None:
     from .evaluate import evaluate_baselines, evaluate_run, format_results_table, write_json_atomic
 
-    if args.run_dir is not None and _run_method(args.run_dir) == "mhsa":
+    method = _run_method(args.run_dir) if args.run_dir is not None else None
+    if args.predictions is not None and method != "llamamob-sft":
+        raise ValueError("--predictions needs the run folder of a Llama-3-8B-Mob run (`mobility train sft` on "
+                         "humob-qa rows)")
+    if method == "llamamob-sft":
+        from .llamamob import evaluate_llamamob_run
+
+        report = evaluate_llamamob_run(args.run_dir, args.data, split=args.split, predictions=args.predictions,
+                                       batch_size=args.batch_size, progress=not args.quiet)
+        print(f"{args.run_dir} beside the slot-mode baseline on {args.data} ({args.split} split):\n")
+        print(format_results_table(report))
+        pred = report.get("prediction")
+        if pred:
+            print(f"\n{pred.get('asked_slots', 0):,} asked slots, {pred.get('filled', 0):,} filled from the baseline, "
+                  f"{pred.get('not_asked', 0):,} generated slots not asked (dropped)")
+        if args.out is not None:
+            write_json_atomic(report, args.out)
+        print(f"\nwrote {args.out or args.run_dir / 'metrics.json'}")
+        return
+    if method == "mhsa":
         from .mhsa import evaluate_mhsa
 
         report = evaluate_mhsa(args.run_dir, args.data, split=args.split)
@@ -425,6 +461,20 @@ def _evaluate(args) -> None:
     out = args.out or (args.data / "metrics.json")
     write_json_atomic(report, out)
     print(f"\nwrote {out}")
+
+
+def _predict(args) -> None:
+    from .llamamob import predict_llamamob_run
+
+    if args.batch_size < 1 or (args.max_users is not None and args.max_users < 1):
+        raise ValueError("--batch-size and --max-users must be positive")
+    frame, report = predict_llamamob_run(args.run_dir, args.data, split=args.split, out_csv=args.out,
+                                         batch_size=args.batch_size, max_users=args.max_users,
+                                         progress=not args.quiet)
+    print(f"{report.get('users', '?')} users, {len(frame):,} predicted slots; {report.get('filled', 0):,} filled from "
+          f"the slot-mode baseline, {report.get('not_asked', 0):,} generated slots not asked (dropped), "
+          f"{report.get('unparsable', 0)} unparsable answers")
+    print(f"wrote {report['predictions']}")
 
 
 def _demo(args) -> None:
@@ -470,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
              "mhsa": _train_mhsa}[args.train_command](args)
         elif args.command == "evaluate":
             _evaluate(args)
+        elif args.command == "predict":
+            _predict(args)
         elif args.command == "push":
             from .push import push_cli
 

@@ -66,7 +66,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TINY_LLAMA = "tiny-llama"
-TASKS = ("next", "recovery", "alignment", "translation")
+QTMOB_TASKS = ("next", "recovery", "alignment", "translation")
+HUMOB_TASK = "humob-qa"  # Llama-3-8B-Mob's Q&A rows (`mobility data instructions --task humob-qa`)
+TASKS = (*QTMOB_TASKS, HUMOB_TASK)
+# ChatML-style template of the tokenizer trained for tiny-llama on chat rows (real bases bring their own template)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHAT_SPECIAL_TOKENS = ("<pad>", "<s>", "<|im_end|>", "<unk>", "<|im_start|>")  # pad, bos, eos, unk, extra
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _CODE_TOKEN = re.compile(r"<[a-z][a-z0-9]*_\d+>")
 
@@ -166,6 +174,9 @@ class SFTRecipe:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad:
             raise ValueError(f"`tasks` holds unknown tasks {bad}; allowed: {list(TASKS)}")
+        if HUMOB_TASK in self.tasks and len(self.tasks) > 1:
+            raise ValueError(f"`tasks` {self.tasks}: {HUMOB_TASK!r} (grid Q&A, no location codes) cannot be mixed "
+                             "with the QT-Mob tasks")
         if self.model_dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ValueError(
                 f"`model_dtype` must be one of float32, bfloat16, float16, auto; got {self.model_dtype!r}"
@@ -180,6 +191,11 @@ class SFTRecipe:
     @property
     def is_tiny(self) -> bool:
         return self.base_model == TINY_LLAMA
+
+    @property
+    def is_humob(self) -> bool:
+        """Llama-3-8B-Mob Q&A rows: a plain (chat) tokenizer, no location code tokens."""
+        return self.tasks == [HUMOB_TASK]
 
     @property
     def use_peft(self) -> bool:
@@ -299,9 +315,48 @@ def _location_tokenizer_dir(path: str | None, instructions: str | None = None) -
     )
 
 
+def _message_texts(value) -> list[str]:
+    """The texts of a prompt or completion cell: a string, or the contents of a list of chat messages."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return [json.dumps(value)]
+
+
+def _build_chat_tokenizer(recipe: SFTRecipe, train_dataset):
+    """The run's tokenizer for chat rows without location codes (Llama-3-8B-Mob): the base model's (or
+    `base_tokenizer`), or for tiny-llama a byte-level BPE trained on the message texts with a ChatML template."""
+    from transformers import AutoTokenizer
+
+    from tokenization_mobility import build_bpe_tokenizer
+
+    if recipe.base_tokenizer or not recipe.is_tiny:
+        name = recipe.base_tokenizer or recipe.base_model
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=recipe.trust_remote_code)
+        if tokenizer.chat_template is None:
+            raise ValueError(f"the tokenizer of {name} has no chat template; the {HUMOB_TASK} rows are chat messages "
+                             "(use an instruct model or set `base_tokenizer` to one with a template)")
+    else:
+        def corpus():
+            for batch in train_dataset.iter(batch_size=1000):
+                for cell in batch["prompt"] + batch["completion"]:
+                    yield from _message_texts(cell)
+
+        tokenizer = build_bpe_tokenizer(corpus(), vocab_size=recipe.bpe_vocab_size,
+                                        special_tokens=CHAT_SPECIAL_TOKENS)
+        tokenizer.chat_template = CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def _build_tokenizer(recipe: SFTRecipe, train_dataset):
     """The run's `LocationTokenizer`: the base tokenizer (trained BPE or the model's) plus the code tokens."""
     from transformers import AutoTokenizer
+
+    if recipe.is_humob:
+        return _build_chat_tokenizer(recipe, train_dataset)
 
     from tokenization_mobility import LocationTokenizer, build_bpe_tokenizer
 
@@ -400,6 +455,10 @@ def _pretrained_base(recipe: SFTRecipe, tokenizer):
 def _lora_config(recipe: SFTRecipe, tokenizer, base_vocab: int):
     from peft import LoraConfig
 
+    if recipe.is_humob:  # no new tokens: the adapter alone
+        return LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                          target_modules=list(recipe.lora_target_modules), task_type="CAUSAL_LM")
+
     new_ids = sorted({i for ids in tokenizer.code_token_ids for i in ids} | set(range(base_vocab, len(tokenizer))))
     return LoraConfig(
         r=recipe.lora_r,
@@ -446,12 +505,12 @@ def _plot_training_curve(log_history: list[dict], path: Path, completion_only: b
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evals:
-        ax.plot(*zip(*evals), marker="o", label="eval loss (next, validation slice)")
+        ax.plot(*zip(*evals), marker="o", label="eval loss (validation slice)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (completion tokens)" if completion_only else "loss (all tokens)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(f"QT-Mob SFT{': ' + title if title else ''}")
+    ax.set_title(f"SFT{': ' + title if title else ''}")
     if train or evals:
         ax.legend(fontsize=8)
     save_figure(fig, path)
@@ -499,13 +558,18 @@ def _collect_artifacts(recipe: SFTRecipe, out: Path, info: dict) -> None:
     from .push import build_model_card
 
     _copy_folder(Path(recipe.instructions), out / "instructions")
+    recipe_text = (out / "recipe.yaml").read_text(encoding="utf-8")
+    if recipe.is_humob:
+        from .llamamob import build_model_card as build_llamamob_card
+
+        write_text_atomic(build_llamamob_card(info, recipe=recipe_text, run_dir=out), out / "README.md")
+        return
     rqvae = None if info.get("location_format") == "id" else _find_rqvae(recipe, Path(info["location_tokenizer"]))
     if rqvae is not None:
         _copy_folder(rqvae, out / "rqvae")
     elif info.get("location_format") != "id":
         logger.warning("no RQ-VAE found beside the location tokenizer %s; the run folder will lack rqvae/",
                        info["location_tokenizer"])
-    recipe_text = (out / "recipe.yaml").read_text(encoding="utf-8")
     write_text_atomic(build_model_card(info, recipe=recipe_text, has_rqvae=rqvae is not None, run_dir=out),
                       out / "README.md")
 
@@ -580,7 +644,12 @@ def run_sft(recipe: SFTRecipe) -> Path:
         if state.is_main_process and not (checkpoint and tok_dir.is_dir()):
             tokenizer = _build_tokenizer(recipe, train_ds)
             tokenizer.save_pretrained(tok_dir)
-        tokenizer = LocationTokenizer.from_pretrained(str(tok_dir))
+        if recipe.is_humob:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        else:
+            tokenizer = LocationTokenizer.from_pretrained(str(tok_dir))
 
     peft_config = None
     if recipe.is_tiny:
@@ -600,7 +669,7 @@ def run_sft(recipe: SFTRecipe) -> Path:
             else:
                 model = _pretrained_base(recipe, tokenizer)
         if recipe.use_peft:
-            base_vocab = len(tokenizer) - sum(len(ids) for ids in tokenizer.code_token_ids)
+            base_vocab = len(tokenizer) - sum(len(ids) for ids in getattr(tokenizer, "code_token_ids", ()))
             peft_config = _lora_config(recipe, tokenizer, base_vocab)
 
     do_eval = eval_ds is not None and eval_ds.num_rows > 0
@@ -652,14 +721,17 @@ def run_sft(recipe: SFTRecipe) -> Path:
         _plot_training_curve(trainer.state.log_history, out / "training_curve.png", recipe.completion_only_loss,
                              title=out.resolve().name)
         num_tokens = max((e.get("num_tokens", 0) for e in trainer.state.log_history), default=0)
-        loctok_dir = _location_tokenizer_dir(recipe.location_tokenizer, recipe.instructions)
         info = {
-            "method": "qtmob-sft",
+            "method": "llamamob-sft" if recipe.is_humob else "qtmob-sft",
             "name": out.resolve().name,  # the model's name in metric tables and cards
             "tasks": list(recipe.tasks),
             "instructions": str(Path(recipe.instructions).resolve()),
-            "location_tokenizer": str(loctok_dir.resolve()),
-            "location_format": "id" if tokenizer.level_prefixes == [ID_PREFIX] else "semantic",
+        }
+        if not recipe.is_humob:
+            loctok_dir = _location_tokenizer_dir(recipe.location_tokenizer, recipe.instructions)
+            info["location_tokenizer"] = str(loctok_dir.resolve())
+            info["location_format"] = "id" if tokenizer.level_prefixes == [ID_PREFIX] else "semantic"
+        info.update({
             "base_model": recipe.base_model,
             "peft": "lora" if recipe.use_peft else None,
             "train_rows_per_task": counts,
@@ -672,7 +744,7 @@ def run_sft(recipe: SFTRecipe) -> Path:
             "resumed_from": checkpoint,
             "train_metrics": {**result.metrics, "num_tokens": num_tokens},
             "metrics": {},  # filled by `mobility evaluate`
-        }
+        })
         write_json_atomic(info, out / "run_info.json")
         _collect_artifacts(recipe, out, info)
         logger.info("wrote run folder %s", out)
