@@ -48,7 +48,9 @@ def write_dataset(
 
     An existing ``out_dir`` is replaced only when it is empty or was written by this function (it holds
     ``hf_mobility.json``) and ``overwrite`` is true. ``extras(folder)`` may write more files into the folder before it
-    is renamed into place (e.g. the tokenizer an instruction set was rendered with).
+    is renamed into place (e.g. the tokenizer an instruction set was rendered with). A split with no rows is written
+    (``load_prepared`` lists it) but left out of the card's ``configs``, since ``datasets.load_dataset`` cannot load a
+    0-row Parquet split.
     """
     out = Path(out_dir)
     if out.exists():
@@ -70,9 +72,15 @@ def write_dataset(
                 for i in range(n_shards):
                     shard = table.slice(i * max_rows_per_shard, max_rows_per_shard)
                     pq.write_table(shard, tmp / "data" / config / f"{split}-{i:05d}-of-{n_shards:05d}.parquet")
+                if table.num_rows == 0:
+                    # kept on disk for `load_prepared`, left out of the card: `datasets` cannot load a 0-row split
+                    continue
                 data_files.append({"split": split, "path": f"data/{config}/{split}-*.parquet"})
                 size = sum(p.stat().st_size for p in (tmp / "data" / config).glob(f"{split}-*.parquet"))
                 split_infos.append({"name": split, "num_bytes": size, "num_examples": table.num_rows})
+            if not data_files:
+                logger.warning("config %r of %s has no rows in any split; `load_dataset` will not list it", config, out)
+                continue
             yaml_configs.append({"config_name": config, "data_files": data_files})
             # `datasets` keys its cache of a local folder on this info (not on the files), so it also keeps a folder
             # re-written under the same name from loading stale cached rows

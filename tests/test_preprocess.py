@@ -210,6 +210,11 @@ def test_publish_grid_roundtrip(tmp_path):
     ds = load_dataset(str(out), "samples")
     assert set(ds) == {"train", "validation", "test", "hidden"}
     assert ds["train"].to_pandas().equals(prepared.samples["train"].to_pandas())
+    # without hidden users the hidden split is empty: our loader still lists it, `load_dataset` leaves it out
+    plain = write_prepared(prepare_grid(_grid(), GridPreprocessConfig(predict_days=(15, 19))), tmp_path / "plain")
+    assert set(load_dataset(str(plain), "samples")) == {"train", "validation", "test"}
+    assert "hidden" in load_prepared(plain).splits("samples")
+    assert load_prepared(plain).table("samples", "hidden").num_rows == 0
 
 
 def test_write_dataset_is_atomic_and_refuses_foreign_folders(tmp_path):

@@ -169,17 +169,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = data_sub.add_parser(
         "instructions",
-        help="QT-Mob instruction sets (next, recovery, alignment, translation) from a prepared dataset",
-        description="Build TRL prompt-completion pairs (or chat messages with --format chat) for the QT-Mob tasks "
-        "from a prepared check-in dataset and a location tokenizer, and publish them with one config per task "
-        "(`datasets.load_dataset(OUT, 'next')`). Prints the row account.",
+        help="instruction sets: QT-Mob (next, recovery, alignment, translation) or Llama-3-8B-Mob (humob-qa)",
+        description="QT-Mob: build TRL prompt-completion pairs (or chat messages with --format chat) from a prepared "
+        "check-in dataset and a location tokenizer, one config per task (`datasets.load_dataset(OUT, 'next')`). "
+        "Llama-3-8B-Mob (--tasks humob-qa): from a prepared grid dataset, one chat Q&A row per user (the observed "
+        "records `d t x y`, the slots to predict as `d t 999 999`, the JSON answer), config `humob-qa`. Prints the "
+        "row account.",
     )
-    ins.add_argument("--data", required=True, type=Path, help="a check-in dataset from `mobility data prepare`")
-    ins.add_argument("--tokenizer", required=True, type=Path,
-                     help="the location tokenizer (a `mobility train location-tokenizer` output or its tokenizer/)")
-    ins.add_argument("--tasks", default="next,recovery,alignment",
+    ins.add_argument("--data", required=True, type=Path,
+                     help="a check-in dataset (QT-Mob) or a grid dataset (humob-qa) from `mobility data prepare`")
+    ins.add_argument("--tokenizer", default=None, type=Path,
+                     help="QT-Mob: the location tokenizer (a `mobility train location-tokenizer` output or its "
+                     "tokenizer/), required; humob-qa: a tokenizer folder to count prompt tokens with (needed by "
+                     "--max-input-tokens)")
+    ins.add_argument("--tasks", "--task", default="next,recovery,alignment",
                      help="comma-separated tasks: next, recovery, alignment, translation (default "
-                     "next,recovery,alignment)")
+                     "next,recovery,alignment), or humob-qa alone")
+    ins.add_argument("--input-days", default=None,
+                     help="humob-qa: input days FIRST-LAST (default: the prepared input days, e.g. 0-59)")
+    ins.add_argument("--predict-days", default=None,
+                     help="humob-qa: days to predict FIRST-LAST, within the prepared target days (default: all)")
+    ins.add_argument("--max-input-tokens", type=int, default=None,
+                     help="humob-qa: prompt token budget; the oldest input days are dropped (and counted) until a "
+                     "prompt fits (needs --tokenizer)")
+    ins.add_argument("--user-ranges", default=None,
+                     help="humob-qa: re-split users by uid, e.g. train=0-79999,validation=80000-89999,test=90000-99999")
+    ins.add_argument("--windows-per-user", type=int, default=1,
+                     help="humob-qa: training rows per user, earlier windows of the same length (default 1)")
     ins.add_argument("--out", required=True, type=Path, help="output dataset folder")
     ins.add_argument("--format", dest="fmt", choices=["prompt_completion", "chat"], default="prompt_completion",
                      help="TRL prompt-completion strings (default) or conversational messages")
@@ -263,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-calliper", action="store_true", help="skip CaLLiPer + MHSA (conventional and inductive)")
     demo.add_argument("--mhsa-epochs", type=int, default=None,
                       help="CaLLiPer + MHSA: MHSA epochs per run (default: the demo recipe's)")
+    demo.add_argument("--no-llamamob", action="store_true",
+                      help="skip Llama-3-8B-Mob on the grid city (instructions, SFT, prediction, second city)")
+    demo.add_argument("--llamamob-steps", type=int, default=None,
+                      help="Llama-3-8B-Mob: training steps (default: the demo recipe's)")
     return parser
 
 
@@ -365,12 +385,38 @@ def _train_location_tokenizer(args) -> None:
     print(f"load with: AutoTokenizer.from_pretrained('{result.output_dir / 'tokenizer'}', trust_remote_code=True)")
 
 
+def _humob_instructions(args) -> None:
+    from dataset_builders.instructions.humob_qa import HumobQAConfig, build_humob_qa
+    from dataset_builders.schema import RowAccount
+
+    config = HumobQAConfig(input_days=args.input_days, predict_days=args.predict_days,
+                           max_input_tokens=args.max_input_tokens, tokenizer=args.tokenizer,
+                           user_ranges=args.user_ranges, windows_per_user=args.windows_per_user, seed=args.seed)
+    summary = build_humob_qa(args.data, args.out, config, progress=not args.quiet)
+    print("Row account:\n")
+    print(RowAccount.from_dict(summary["row_account"]).to_markdown())
+    truncated = {s: t for s, t in summary.get("truncation", {}).items() if any(t.values())}
+    if truncated:
+        print(f"\ntoken budget {args.max_input_tokens}: " + "; ".join(
+            f"{s}: " + ", ".join(f"{k} {v:,}" for k, v in t.items()) for s, t in truncated.items()))
+    sizes = ", ".join(f"{split} {n:,}" for split, n in summary["rows"].items())
+    print(f"\nwrote {args.out} (humob-qa: {sizes}) in {summary['seconds']:.1f}s")
+    print(f"load it with: datasets.load_dataset('{args.out}', 'humob-qa')")
+
+
 def _instructions(args) -> None:
     from dataset_builders.instructions.qtmob import run_instructions_cli
 
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if "humob-qa" in tasks:
+        if tasks != ["humob-qa"]:
+            raise ValueError(f"--tasks {args.tasks}: humob-qa (grid Q&A) cannot be built together with QT-Mob tasks")
+        _humob_instructions(args)
+        return
+    if args.tokenizer is None:
+        raise ValueError("--tokenizer (the location tokenizer) is required for the QT-Mob tasks")
     t0 = time.time()
     tok_dir = args.tokenizer / "tokenizer" if (args.tokenizer / "tokenizer").is_dir() else args.tokenizer
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     result = run_instructions_cli(args.data, tok_dir, tasks, args.out, fmt=args.fmt, max_history=args.max_history,
                                   seed=args.seed, location_format=args.location_format)
     print("Row account:\n")
@@ -480,13 +526,14 @@ def _predict(args) -> None:
 def _demo(args) -> None:
     from .demo import run_demo
 
-    for name, minimum in (("sft_steps", 1), ("eval_samples", 0), ("mhsa_epochs", 1)):
+    for name, minimum in (("sft_steps", 1), ("eval_samples", 0), ("mhsa_epochs", 1), ("llamamob_steps", 1)):
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
     report = run_demo(args.out, seed=args.seed, num_users=args.users, qtmob=not args.no_qtmob,
                       sft_steps=args.sft_steps, eval_samples=args.eval_samples or None, calliper=not args.no_calliper,
-                      mhsa_epochs=args.mhsa_epochs)
+                      mhsa_epochs=args.mhsa_epochs, llamamob=not args.no_llamamob,
+                      llamamob_steps=args.llamamob_steps)
     print(report.read_text(encoding="utf-8"))
     print(f"\nreport: {report}")
 

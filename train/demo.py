@@ -223,6 +223,144 @@ def run_calliper_demo(
     return {"report": combined, "runs": runs, "calliper": calliper.report, "seconds": seconds}
 
 
+LLAMAMOB_RECIPE = Path(__file__).parent / "recipes" / "llamamob_demo.yaml"
+# the demo's short horizon: a week (8 days) of records in, two days to predict (the paper: 60 days in, 15 out)
+LLAMAMOB_INPUT_DAYS = (52, 59)
+LLAMAMOB_PREDICT_DAYS = (60, 61)
+LLAMAMOB_WINDOWS = 8  # training rows per user (earlier windows of the same length)
+LLAMAMOB_USER_FRACTIONS = (0.7, 0.1, 0.2)  # more test users than the default 10% of a 200-user city
+
+
+def _prepare_qa_city(loaded, out: Path, name: str, seed: int, title: str, windows: int) -> tuple[Path, Path]:
+    """A grid city prepared for the demo's horizon and its humob-qa rows: `(data folder, instructions folder)`."""
+    from dataset_builders.instructions.humob_qa import HumobQAConfig, build_humob_qa
+    from dataset_builders.preprocess import GridPreprocessConfig, prepare_grid
+    from dataset_builders.publish import write_prepared
+
+    prepared = prepare_grid(loaded, GridPreprocessConfig(predict_days=LLAMAMOB_PREDICT_DAYS,
+                                                         user_fractions=LLAMAMOB_USER_FRACTIONS, seed=seed))
+    data = write_prepared(prepared, out / "data" / name, title=title)
+    qa = out / f"humob_qa_{name}" if name != "grid_qa" else out / "humob_qa"
+    build_humob_qa(data, qa, HumobQAConfig(input_days=LLAMAMOB_INPUT_DAYS, predict_days=LLAMAMOB_PREDICT_DAYS,
+                                           windows_per_user=windows, seed=seed), progress=False)
+    return data, qa
+
+
+def run_llamamob_demo(
+    grid_csv: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    num_users: int | None = None,
+    max_steps: int | None = None,
+    cross_city: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Llama-3-8B-Mob end to end on a grid city: prepare for the demo's horizon -> humob-qa rows -> SFT of the demo
+    recipe -> batched prediction of the test users -> GEO-BLEU / DTW beside the slot-mode baseline; then the same model
+    on a second city with another layout (zero-shot, the paper's cross-city claim).
+
+    Args:
+        grid_csv: the city as a YJMob CSV (`mobility data synth --kind grid`).
+        out_dir: receives `data/grid_qa`, `humob_qa/`, `sft/llamamob/` (and `data/grid_qa_city2`, `raw/grid_city2`,
+            `humob_qa_grid_qa_city2/` for the second city).
+        seed: seed of the split, the training and the second city (`seed + 1`, layout `seed + 1001`).
+        num_users: users of the second city (default: the synthesiser's).
+        max_steps: optimiser steps (default: the recipe's).
+        cross_city: also evaluate on the second city.
+        progress: progress bars.
+
+    Returns:
+        `dict`: `{"report", "cross_city_report" (or None), "run", "seconds", "instructions": summary}`.
+    """
+    from dataset_builders.readers import read_dataset
+    from dataset_builders.synthetic import synthesize_grid, write_yjmob
+
+    from .evaluate import write_json_atomic
+    from .humob import evaluate_grid_predictions, predict_grid
+    from .llamamob import _load, evaluate_llamamob_run
+    from .sft import load_recipe, run_sft
+
+    out = Path(out_dir)
+    seconds: dict[str, float] = {}
+    t0 = time.time()
+    data, qa = _prepare_qa_city(read_dataset("yjmob", grid_csv), out, "grid_qa", seed,
+                                "hf-mobility synthetic grid city, demo horizon", LLAMAMOB_WINDOWS)
+    overrides = {"max_steps": max_steps} if max_steps is not None else {}
+    recipe = load_recipe(LLAMAMOB_RECIPE, instructions=str(qa), output_dir=str(out / "sft" / "llamamob"), seed=seed,
+                         **overrides)
+    run = run_sft(recipe)
+    seconds["training"] = time.time() - t0
+    t0 = time.time()
+    report = evaluate_llamamob_run(run, data, progress=progress)
+    seconds["prediction + evaluation"] = time.time() - t0
+    cross = None
+    if cross_city:
+        t0 = time.time()
+        users = {"num_users": num_users} if num_users else {}
+        city2 = synthesize_grid(seed=seed + 1, city_seed=seed + 1001, **users)
+        raw2 = write_yjmob(city2, out / "raw" / "grid_city2" / "grid.csv")
+        data2, qa2 = _prepare_qa_city(read_dataset("yjmob", raw2), out, "grid_qa_city2", seed,
+                                      "hf-mobility synthetic grid city 2 (another layout), demo horizon", 1)
+        model, tokenizer = _load(run)
+        frame, pred2 = predict_grid(model, tokenizer, data2, split="test", instructions_dir=qa2,
+                                    on_missing_prompt="fallback", progress=progress,
+                                    out_csv=run / "predictions_city2_test.csv")
+        cross = evaluate_grid_predictions(frame, data2, split="test", name="llamamob (trained on city 1)")
+        cross["prediction"] = pred2
+        write_json_atomic(cross, run / "metrics_city2.json")
+        seconds["second city"] = time.time() - t0
+    return {"report": report, "cross_city_report": cross, "run": run, "seconds": seconds, "data": data,
+            "instructions": qa}
+
+
+def _llamamob_lines(result: dict, out: Path) -> list[str]:
+    """The Llama-3-8B-Mob section of the report: the table, the verdict against slot-mode, repairs, cross-city."""
+    from .evaluate import format_results_table
+
+    report, run = result["report"], Path(result["run"])
+    res = report["results"]
+    name = next(iter(res))
+    model, base = res[name], res.get("slot-mode")
+    pred = report.get("prediction") or {}
+    lines = [
+        "## Llama-3-8B-Mob: trajectory prediction as Q&A (grid city, test users)",
+        "",
+        f"A tiny Llama trained from scratch (`train/recipes/llamamob_demo.yaml`) on humob-qa rows of the grid city: "
+        f"days {LLAMAMOB_INPUT_DAYS[0]}-{LLAMAMOB_INPUT_DAYS[1]} in, days {LLAMAMOB_PREDICT_DAYS[0]}-"
+        f"{LLAMAMOB_PREDICT_DAYS[1]} asked (the paper: 60 days in, 15 out, Llama-3-8B-Instruct with LoRA), "
+        f"{LLAMAMOB_WINDOWS} windows per training user. Predictions are batched greedy generations, parsed "
+        "tolerantly; every asked slot is answered once (unusable or missing slots come from slot-mode). The slot-mode "
+        "baseline sees all 60 input days, the model only its window.",
+        "",
+        format_results_table(report),
+        "",
+    ]
+    if base is not None:
+        diff = model["geobleu@5"] - base["geobleu@5"]
+        verdict = "beats" if diff > 0 else "falls short of"
+        lines += [f"{name} {verdict} slot-mode on GEO-BLEU (N=5) by {abs(diff):.4f} ({model['geobleu@5']:.4f} vs "
+                  f"{base['geobleu@5']:.4f}); DTW {model['dtw']:.2f} vs {base['dtw']:.2f} (lower is better).", ""]
+    if pred.get("asked_slots"):
+        methods = ", ".join(f"{k} {v}" for k, v in (pred.get("parse_methods") or {}).items() if v)
+        lines += [f"Answers: {pred['asked_slots']:,} asked slots of {pred.get('users', '?')} users; "
+                  f"{pred.get('filled', 0):,} filled from slot-mode, {pred.get('not_asked', 0):,} generated slots "
+                  f"not asked, {pred.get('duplicate', 0):,} duplicates, {pred.get('out_of_grid', 0):,} off the grid, "
+                  f"{pred.get('unparsable', 0)} unparsable answers (parsed by: {methods}); "
+                  f"{pred.get('tokens_per_second', 0):,.0f} generated tokens/s.", ""]
+    cross = result.get("cross_city_report")
+    if cross is not None:
+        lines += ["Second city (another layout and other people, never seen in training; zero-shot):", "",
+                  format_results_table(cross), ""]
+    curve = run / "training_curve.png"
+    lines += ["| run | folder | seconds |", "|---|---|---:|"]
+    lines += [f"| {k} | `{run}` | {v:.0f} |" for k, v in result["seconds"].items()]
+    lines += ["", f"![Llama-3-8B-Mob training curve]({curve.relative_to(out).as_posix()})", "",
+              f"`mobility predict {run} --data {result['data']}` writes the predictions; `mobility evaluate` scores "
+              "them.", ""]
+    return lines
+
+
 def _plot_embeddings(calliper_dir: Path, locations: pd.DataFrame, path: Path) -> None:
     """2-D PCA of the CaLLiPer location embeddings, coloured by top-level category (and by land use when known)."""
     plt = pyplot()
@@ -394,12 +532,16 @@ def run_demo(
     eval_samples: int | None = 400,
     calliper: bool = True,
     mhsa_epochs: int | None = None,
+    llamamob: bool = True,
+    llamamob_steps: int | None = None,
 ) -> Path:
     """Run the demo into ``out_dir`` and return the path of ``report.md``.
 
     ``qtmob=False`` skips the QT-Mob fine-tuning (instructions, three SFT runs, evaluation); ``sft_steps`` overrides
     the recipe's steps per run and ``eval_samples`` the number of test samples the fine-tuned models are scored on.
     ``calliper=False`` skips CaLLiPer + MHSA (conventional and inductive); ``mhsa_epochs`` overrides its epochs.
+    ``llamamob=False`` skips Llama-3-8B-Mob on the grid city (and the second city); ``llamamob_steps`` overrides its
+    training steps.
     """
     from dataset_builders.preprocess import prepare_checkins, prepare_grid
     from dataset_builders.publish import write_prepared
@@ -452,6 +594,13 @@ def run_demo(
                           out / "metrics_calliper_mhsa.json")
         _plot_embeddings(inductive_result["runs"]["calliper"], inductive.locations.to_pandas(),
                          out / "calliper_embeddings.png")
+
+    llamamob_result = None
+    if llamamob:
+        logger.info("Llama-3-8B-Mob on the grid city")
+        llamamob_result = run_llamamob_demo(grid_path, out, seed=seed, num_users=num_users, max_steps=llamamob_steps)
+        write_json_atomic({"city": llamamob_result["report"], "second_city": llamamob_result["cross_city_report"]},
+                          out / "metrics_llamamob.json")
 
     qtmob_result = None
     if qtmob:
@@ -519,6 +668,7 @@ def run_demo(
         "",
         gprepared.account.to_markdown(),
         "",
+        *(_llamamob_lines(llamamob_result, out) if llamamob_result else []),
         "## Files",
         "",
         f"- raw data: `{out / 'raw'}`; prepared datasets: `{data_dir}`, `{gdata_dir}` "
@@ -531,7 +681,8 @@ def run_demo(
            + "` (`mobility evaluate RUN --data DATA`, `mobility push RUN --repo-id USER/NAME`)"]
           if qtmob_result else []),
         "- metrics: `metrics_checkins.json`, `metrics_grid.json`" + (", `metrics_qtmob.json`" if qtmob_result else "")
-        + (", `metrics_calliper_mhsa.json`" if calliper_result else ""),
+        + (", `metrics_calliper_mhsa.json`" if calliper_result else "")
+        + (", `metrics_llamamob.json`" if llamamob_result else ""),
         "",
     ]
     report = out / "report.md"

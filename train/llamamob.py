@@ -106,6 +106,7 @@ def predict_llamamob_run(
     predictions, report = predict_grid(
         model, tokenizer, data_dir, split=split, instructions_dir=_instructions_dir(run, info),
         batch_size=batch_size, max_users=max_users, progress=progress, out_csv=out_csv,
+        on_missing_prompt="fallback",  # users the builder dropped (over the token budget) get the baseline, counted
     )
     report = {**report, "run": str(run), "predictions": str(out_csv)}
     write_json_atomic(report, run / f"prediction_report_{split}.json")

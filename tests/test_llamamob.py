@@ -1,0 +1,123 @@
+"""Llama-3-8B-Mob through the public CLI on a tiny grid city: humob-qa instructions -> SFT (demo recipe, a few steps)
+-> predict -> evaluate, the run folder reloading in a fresh interpreter, and the error paths."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from train.cli import main
+from train.sft import load_recipe
+
+RECIPE = "train/recipes/llamamob_demo.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 30-user grid city, its humob-qa rows (7 days in, 1 out, 2 windows per training user) and a 4-step run."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("llamamob")
+    assert main(["-q", "data", "synth", "--kind", "grid", "--users", "30", "--days", "20", "--out",
+                 str(root / "raw")]) == 0
+    assert main(["-q", "data", "prepare", "--format", "yjmob", "--input", str(root / "raw" / "grid.csv"),
+                 "--out", str(root / "data"), "--predict-days", "18-18", "--user-fractions", "0.6,0.2,0.2"]) == 0
+    assert main(["-q", "data", "instructions", "--task", "humob-qa", "--data", str(root / "data"), "--out",
+                 str(root / "qa"), "--input-days", "11-17", "--predict-days", "18-18", "--windows-per-user", "2"]) == 0
+    assert main(["-q", "train", "sft", "--config", RECIPE, "--instructions", str(root / "qa"), "--output_dir",
+                 str(root / "run"), "--max_steps", "4", "--per_device_train_batch_size", "4", "--eval_samples", "4",
+                 "--logging_steps", "2", "--eval_steps", "2", "--save_steps", "100"]) == 0
+    return root
+
+
+def test_run_folder_holds_a_chat_model_and_its_instructions(trained):
+    run = trained / "run"
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["method"] == "llamamob-sft" and info["tasks"] == ["humob-qa"] and info["global_step"] == 4
+    assert "location_tokenizer" not in info and "location_format" not in info
+    assert (run / "model" / "model.safetensors").is_file() and (run / "instructions" / "README.md").is_file()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "1 2 3 4"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text == "<|im_start|>user\n1 2 3 4<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.eos_token == "<|im_end|>"  # generation stops at the end of the answer
+    card = (run / "README.md").read_text()
+    assert "2410.23692" in card and "No evaluation was run" in card and "```yaml" in card
+
+
+def test_predict_answers_every_asked_slot_once_and_evaluate_scores_it(trained, capsys):
+    run, data = trained / "run", trained / "data"
+    out = trained / "pred.csv"
+    assert main(["-q", "predict", str(run), "--data", str(data), "--out", str(out), "--batch-size", "4"]) == 0
+    assert "filled from the slot-mode baseline" in capsys.readouterr().out
+    pred = pd.read_csv(out)
+    assert list(pred.columns) == ["uid", "d", "t", "x", "y"]
+    from dataset_builders.publish import load_prepared
+
+    test = load_prepared(data).table("samples", "test").to_pandas()
+    asked = {(u, d, t) for u, ds, ts in zip(test["uid"], test["target_d"], test["target_t"]) for d, t in zip(ds, ts)}
+    assert len(pred) == len(asked) and set(zip(pred["uid"], pred["d"], pred["t"])) == asked
+    assert pred[["x", "y"]].min().min() >= 1 and pred[["x", "y"]].max().max() <= 200
+    report = json.loads((run / "prediction_report_test.json").read_text())
+    assert report["asked_slots"] == len(asked) == report["answered"] + report["filled"]
+
+    assert main(["-q", "evaluate", str(run), "--data", str(data), "--predictions", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| slot-mode |" in printed and "| run |" in printed
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert list(metrics["results"]) == ["run", "slot-mode"]
+    for res in metrics["results"].values():
+        assert 0.0 <= res["geobleu@5"] <= 1.0 and res["dtw"] >= 0.0 and res["num_users"] == len(test)
+    assert "| run |" in (run / "README.md").read_text()  # the card got the metrics table
+    assert json.loads((run / "run_info.json").read_text())["metrics"]["test"] == metrics["results"]["run"]
+
+
+def test_run_folder_reloads_in_a_fresh_process(trained, run_without_our_packages):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    script = """
+    import json, sys
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    run = sys.argv[1]
+    model = AutoModelForCausalLM.from_pretrained(run + "/model").eval()
+    tok = AutoTokenizer.from_pretrained(run + "/tokenizer")
+    ids = tok.apply_chat_template([{"role": "user", "content": "3 4 101 87"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        logits = model(**ids).logits[0, -1]
+    print("RESULT" + json.dumps({"ids": ids["input_ids"][0].tolist(), "logits": logits.tolist()}))
+    """
+    proc = run_without_our_packages(script, trained / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))[len("RESULT"):])
+    tok = AutoTokenizer.from_pretrained(trained / "run" / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(trained / "run" / "model").eval()
+    ids = torch.tensor([got["ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.tensor(got["logits"]), model(input_ids=ids).logits[0, -1])
+    assert tok.decode(got["ids"]).endswith("<|im_start|>assistant\n")
+
+
+def test_errors_are_clear(trained, capsys):
+    with pytest.raises(ValueError, match="cannot be mixed"):
+        load_recipe(RECIPE, tasks=["humob-qa", "next"])
+    assert main(["-q", "data", "instructions", "--task", "next", "--data", str(trained / "data"), "--out",
+                 str(trained / "x")]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+    assert main(["-q", "predict", str(trained / "qa"), "--data", str(trained / "data")]) == 2
+    assert "not a training run folder" in capsys.readouterr().err
+    assert main(["-q", "evaluate", "--data", str(trained / "data"), "--predictions", "x.csv"]) == 2
+    assert "--predictions needs" in capsys.readouterr().err
