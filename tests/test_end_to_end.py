@@ -69,7 +69,7 @@ def test_grid_city_through_the_cli(tmp_path, capsys):
 def test_demo_writes_report_and_plots(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_MOBILITY_HOME", str(tmp_path / "home"))
     assert main(["-q", "demo", "--out", str(tmp_path / "demo"), "--users", "40", "--sft-steps", "6",
-                 "--eval-samples", "16", "--mhsa-epochs", "1"]) == 0
+                 "--eval-samples", "16", "--mhsa-epochs", "1", "--llamamob-steps", "2"]) == 0
     report = (tmp_path / "demo" / "report.md").read_text()
     for name in ("city_map.png", "category_hours.png", "baselines.png", "grid_density.png",
                  "location_tokenizer/codebook_usage.png", "location_tokenizer/first_code_map.png",
@@ -97,6 +97,14 @@ def test_demo_writes_report_and_plots(tmp_path, monkeypatch):
     unseen = {n: r["unseen"] for n, r in cm["inductive"]["results"].items() if "unseen" in r}
     assert unseen["mhsa-id"]["acc@20"] == 0.0 and unseen["mhsa-calliper"]["num_samples"] > 0
     assert "## CaLLiPer + MHSA" in report and "an ID table cannot rank them" in report
+    # Llama-3-8B-Mob on the grid city and, zero-shot, on a second city; every asked slot answered once
+    lm = json.loads((tmp_path / "demo" / "metrics_llamamob.json").read_text())
+    for city in ("city", "second_city"):
+        assert list(lm[city]["results"]) == [list(lm[city]["results"])[0], "slot-mode"]
+        pred = lm[city]["prediction"]
+        assert pred["asked_slots"] == pred["answered"] + pred["filled"] > 0
+    assert "## Llama-3-8B-Mob" in report and "Second city" in report and "sft/llamamob/training_curve.png" in report
+    assert (tmp_path / "demo" / "sft" / "llamamob" / "training_curve.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
