@@ -32,14 +32,7 @@ from train.calliper import (
     retrieval_metrics,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small models and a shared 2-core machine: one thread avoids OpenMP oversubscription stalls
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(**overrides) -> CaLLiPerConfig:

@@ -43,13 +43,7 @@ def random_table(n=300, levels=NUM_LEVELS, size=CODEBOOK, seed=0):
     return {f"poi-{i:03d}": c for i, c in enumerate(sorted(codes))}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models decode faster on one thread, and do not suffer from a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "train" / "recipes"
 NUM_LOCATIONS, NUM_USERS, FEATURE_DIM = 12, 3, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(location_encoder: str = "id", **overrides) -> MHSAConfig:
