@@ -336,11 +336,17 @@ def _llamamob_lines(result: dict, out: Path) -> list[str]:
         format_results_table(report),
         "",
     ]
-    if base is not None:
+    if pred.get("asked_slots") and not pred.get("answered"):
+        lines += [f"The model's answers gave no usable slot: all {pred['asked_slots']:,} asked slots came from "
+                  "slot-mode, so the scores above are the baseline's.", ""]
+    elif base is not None:
         diff = model["geobleu@5"] - base["geobleu@5"]
         verdict = "beats" if diff > 0 else "falls short of"
+        share = (f" The model answered {pred['answered'] / pred['asked_slots']:.0%} of the asked slots itself."
+                 if pred.get("asked_slots") else "")
         lines += [f"{name} {verdict} slot-mode on GEO-BLEU (N=5) by {abs(diff):.4f} ({model['geobleu@5']:.4f} vs "
-                  f"{base['geobleu@5']:.4f}); DTW {model['dtw']:.2f} vs {base['dtw']:.2f} (lower is better).", ""]
+                  f"{base['geobleu@5']:.4f}); DTW {model['dtw']:.2f} vs {base['dtw']:.2f} (lower is better).{share}",
+                  ""]
     if pred.get("asked_slots"):
         methods = ", ".join(f"{k} {v}" for k, v in (pred.get("parse_methods") or {}).items() if v)
         lines += [f"Answers: {pred['asked_slots']:,} asked slots of {pred.get('users', '?')} users; "
@@ -353,8 +359,8 @@ def _llamamob_lines(result: dict, out: Path) -> list[str]:
         lines += ["Second city (another layout and other people, never seen in training; zero-shot):", "",
                   format_results_table(cross), ""]
     curve = run / "training_curve.png"
-    lines += ["| run | folder | seconds |", "|---|---|---:|"]
-    lines += [f"| {k} | `{run}` | {v:.0f} |" for k, v in result["seconds"].items()]
+    lines += [f"Run folder: `{run}`.", "", "| step | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in result["seconds"].items()]
     lines += ["", f"![Llama-3-8B-Mob training curve]({curve.relative_to(out).as_posix()})", "",
               f"`mobility predict {run} --data {result['data']}` writes the predictions; `mobility evaluate` scores "
               "them.", ""]

@@ -1,0 +1,327 @@
+"""Benchmark of Llama-3-8B-Mob prediction (train/humob.py): prompt sizes of the humob-qa rows and the speed of batched
+greedy generation with the demo model, batching on and off.
+
+Data: the default synthetic grid city (`synthesize_grid(seed=--seed)`: 200 users x 75 days), written as YJMob CSV and
+read back with the `yjmob` reader, then prepared twice:
+- the paper horizon: `prepare_grid` with predict days 60-74 and `build_humob_qa` asking days 60-74 from input days 0-59;
+- the demo horizon: exactly as `mobility demo` does (`train.demo._prepare_qa_city`: `LLAMAMOB_INPUT_DAYS` in,
+  `LLAMAMOB_PREDICT_DAYS` asked, `LLAMAMOB_WINDOWS` training windows per user, 20% test users).
+
+The demo model: `--run RUN_DIR` (a run folder of `train/sft.py` on humob-qa rows, e.g. `runs/demo/sft/llamamob`, loaded
+with `train.llamamob._load`), else one trained here with the demo recipe (`train/recipes/llamamob_demo.yaml`: a tiny
+Llama from scratch, BPE trained on the rows, ChatML template) cut to `--train-steps` steps, on the demo-horizon rows.
+A short training is enough: the speed of generation depends on the prompt and answer lengths, not on the weights, and
+the fixed-length rows below fix the answer lengths.
+
+1. Prompt size, per horizon, over the real window (window 0) of every user that has a row (train, validation and test
+   splits), with the run's tokenizer: prompt tokens per user (system + user messages through the chat template with
+   the generation prompt, tokenised as `generate_answers` does), the fixed part of it (the system message and the
+   template around an empty user message), prompt tokens per observed user-day (a day with at least one input record),
+   answer tokens (the assistant JSON, without the end-of-turn token) per user and per asked row, the generation budget
+   `answer_token_budget` per user, and characters per record line (`d t x y`, without the newline).
+2. Generation speed on the demo-horizon prompts of the first `--users` test users (in the split's order), for each
+   `--batch-sizes` value (1 = batching off). `generate_answers` takes no generation kwargs (no `min_new_tokens`), so
+   the fixed-length rows call `model.generate` here the way `generate_answers` does (prompts rendered with the chat
+   template, sorted longest first, cut into batches, left-padded by hand, greedy, `num_beams=1`, under
+   `torch.inference_mode()`) with `min_new_tokens = max_new_tokens = ` the largest `answer_token_budget` of the batch,
+   so every row decodes the whole budget whatever the model emits: "generated tokens" counts each prompt's own budget
+   (the same in every row, so tokens/s and users/s compare), "decoded tokens" counts rows x steps (a batch runs to its
+   largest budget). Times include rendering and tokenising the prompts; best of `--repeats`, after one warm-up call.
+   One more row runs `predict_grid` (the path of `mobility predict`: `generate_answers` at its default batch size 8,
+   stopping at EOS, then parsing and filling) on the same users for reference: its token count and time come from its
+   report (`tokens_generated`, `generation_seconds`).
+   The last line says whether batching is at least 3x faster per user than batch size 1 (the issue's target).
+
+Wall times depend on the machine and on what else runs on it; nothing here asserts on them.
+
+Usage:
+
+    python benchmarks/bench_humob.py [--run RUN_DIR | --train-steps 60] [--users 16 --batch-sizes 1,4,8,16
+                                      --repeats 1 --threads 0 --seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dataset_builders.instructions.humob_qa import HumobQAConfig, build_humob_qa, parse_records  # noqa: E402
+from dataset_builders.preprocess import GridPreprocessConfig, prepare_grid  # noqa: E402
+from dataset_builders.publish import load_prepared  # noqa: E402
+from dataset_builders.readers import read_dataset  # noqa: E402
+from dataset_builders.synthetic import synthesize_grid, write_yjmob  # noqa: E402
+from train.demo import LLAMAMOB_INPUT_DAYS, LLAMAMOB_PREDICT_DAYS, LLAMAMOB_RECIPE, LLAMAMOB_WINDOWS  # noqa: E402
+from train.humob import answer_token_budget, predict_grid  # noqa: E402
+
+PAPER_INPUT_DAYS = (0, 59)
+PAPER_PREDICT_DAYS = (60, 74)
+TARGET_SPEEDUP = 3.0  # the issue: batching at least 3x faster per user than unbatched
+DEFAULT_BATCH = 8  # generate_answers / predict_grid default
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]], align: str) -> None:
+    """A Markdown table; `align` has one letter per column, `l` or `r`."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w)
+                                 for c, w, a in zip(cells, widths, align)) + " |"
+
+    print(f"\n{title}\n")
+    print(line(header))
+    print("|" + "|".join("-" * (w + 1) + ":" if a == "r" else "-" * (w + 2) for w, a in zip(widths, align)) + "|")
+    for row in rows:
+        print(line(row))
+
+
+def build_data(root: Path, seed: int = 0) -> dict[str, tuple[Path, Path]]:
+    """`{horizon: (prepared grid folder, humob-qa folder)}` for the paper and the demo horizons (module docstring)."""
+    from dataset_builders.publish import write_prepared
+    from train.demo import _prepare_qa_city
+
+    csv = write_yjmob(synthesize_grid(seed=seed), root / "raw" / "grid.csv")
+    loaded = read_dataset("yjmob", csv)
+    out = {"demo": _prepare_qa_city(loaded, root, "grid_qa", seed, "bench_humob: demo horizon", LLAMAMOB_WINDOWS)}
+    paper = write_prepared(prepare_grid(loaded, GridPreprocessConfig(predict_days=PAPER_PREDICT_DAYS, seed=seed)),
+                           root / "data" / "grid_paper", title="bench_humob: paper horizon")
+    build_humob_qa(paper, root / "humob_qa_paper", HumobQAConfig(input_days=PAPER_INPUT_DAYS,
+                                                                 predict_days=PAPER_PREDICT_DAYS, seed=seed),
+                   progress=False)
+    out["paper"] = (paper, root / "humob_qa_paper")
+    return out
+
+
+def load_rows(qa: Path, split: str | None = None) -> list[dict]:
+    """The real-window (window 0) rows of a humob-qa folder: one split, or all splits in order."""
+    import datasets
+
+    ds = datasets.load_dataset(str(qa), "humob-qa")
+    rows = []
+    for name in [split] if split else list(ds):
+        rows += [r for r in ds[name] if int(r["window"]) == 0]
+    return rows
+
+
+def render_ids(tokenizer, prompts) -> list[np.ndarray]:
+    """Prompt token ids as `generate_answers` makes them: chat template with the generation prompt, no extra specials."""
+    texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    return [np.asarray(ids, dtype=np.int64) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _fmt_stats(values: np.ndarray) -> str:
+    return f"{values.mean():,.0f} / {np.percentile(values, 95):,.0f} / {values.max():,}"
+
+
+def bench_prompts(tokenizer, qa_dirs: dict[str, Path]) -> None:
+    rows = []
+    for horizon, (input_days, predict_days) in (("paper", (PAPER_INPUT_DAYS, PAPER_PREDICT_DAYS)),
+                                               ("demo", (LLAMAMOB_INPUT_DAYS, LLAMAMOB_PREDICT_DAYS))):
+        qa_rows = load_rows(qa_dirs[horizon])
+        prompts = [r["prompt"] for r in qa_rows]
+        prompt_tokens = np.array([len(x) for x in render_ids(tokenizer, prompts)])
+        system = next(m["content"] for m in prompts[0] if m["role"] == "system")
+        fixed = len(render_ids(tokenizer, [[{"role": "system", "content": system},
+                                            {"role": "user", "content": ""}]])[0])
+        users_text = [next(m["content"] for m in p if m["role"] == "user") for p in prompts]
+        observed_days, record_chars, num_asked = [], [], []
+        for text in users_text:
+            records, asked = parse_records(text)
+            observed_days.append(len(np.unique(records[:, 0])))
+            num_asked.append(len(asked))
+            record_chars += [len(line) for line in text.split("\n")[1:] if not line.endswith(" 999 999")]
+        observed_days = np.array(observed_days)
+        num_asked = np.array(num_asked)
+        answers = [r["completion"][0]["content"] for r in qa_rows]
+        answer_tokens = np.array([len(x) for x in tokenizer(answers, add_special_tokens=False)["input_ids"]])
+        budget_of = {m: answer_token_budget(tokenizer, int(m)) for m in np.unique(num_asked)}
+        budgets = np.array([budget_of[m] for m in num_asked])
+        seen = observed_days > 0
+        rows.append([
+            f"{horizon}: days {input_days[0]}-{input_days[1]} in, {predict_days[0]}-{predict_days[1]} asked",
+            f"{len(qa_rows)}",
+            f"{observed_days.mean():.1f}",
+            _fmt_stats(prompt_tokens),
+            f"{fixed:,}",
+            f"{(prompt_tokens[seen] / observed_days[seen]).mean():,.0f}",
+            f"{num_asked.mean():.0f}",
+            _fmt_stats(answer_tokens),
+            f"{answer_tokens.sum() / num_asked.sum():.1f}",
+            f"{budgets.mean():,.0f}",
+            f"{np.mean(record_chars):.1f}",
+        ])
+    header = ["horizon", "users", "observed days / user", "prompt tokens / user (mean / p95 / max)",
+              "fixed part (system + template)", "prompt tokens / observed user-day", "asked rows / user",
+              "answer tokens / user (mean / p95 / max)", "answer tokens / asked row", "budget / user",
+              "chars / record line"]
+    title = (f"Prompt size of the humob-qa rows (real window of every user with a row, all splits), tokenizer of the "
+             f"run (vocab {len(tokenizer):,}); 'budget' = answer_token_budget(num_asked), the max_new_tokens of "
+             "predict_grid")
+    print_table(title, header, rows, "l" + "r" * (len(header) - 1))
+
+
+def generate_fixed(model, tokenizer, prompts, budgets: np.ndarray, batch_size: int) -> tuple[float, int]:
+    """`generate_answers`' batching with every row decoding its batch's largest budget: `(seconds, decoded tokens)`."""
+    t0 = time.perf_counter()
+    ids = render_ids(tokenizer, prompts)
+    lengths = np.array([len(x) for x in ids])
+    eos = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    device = next(model.parameters()).device
+    order = np.argsort(-lengths, kind="stable")
+    decoded = 0
+    with torch.inference_mode():
+        for lo in range(0, len(ids), batch_size):
+            idx = order[lo : lo + batch_size]
+            width = int(lengths[idx].max())
+            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                input_ids[row, width - lengths[i] :] = torch.from_numpy(ids[i])
+                attention[row, width - lengths[i] :] = 1
+            limit = int(budgets[idx].max())
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                 max_new_tokens=limit, min_new_tokens=limit, do_sample=False, num_beams=1,
+                                 eos_token_id=eos, pad_token_id=pad_id)
+            steps = out.shape[1] - width
+            if steps != limit:
+                raise RuntimeError(f"generate decoded {steps} tokens, not the fixed {limit}")
+            decoded += len(idx) * steps
+    return time.perf_counter() - t0, decoded
+
+
+def bench_generation(args, model, tokenizer, data_dir: Path, qa: Path, batch_sizes: list[int]) -> None:
+    data = load_prepared(data_dir)
+    split_uids = data.table("samples", "test").column("uid").to_pylist()
+    by_uid = {int(r["uid"]): r["prompt"] for r in load_rows(qa, "test")}
+    chosen = [u for u in split_uids[: args.users] if u in by_uid]
+    prompts = [by_uid[u] for u in chosen]
+    num_asked = np.array([len(parse_records(next(m["content"] for m in p if m["role"] == "user"))[1])
+                          for p in prompts])
+    budget_of = {m: answer_token_budget(tokenizer, int(m)) for m in np.unique(num_asked)}
+    budgets = np.array([budget_of[m] for m in num_asked])
+    prompt_tokens = np.array([len(x) for x in render_ids(tokenizer, prompts)])
+    wanted = int(budgets.sum())
+
+    generate_fixed(model, tokenizer, prompts[:1], np.array([2]), 1)  # warm-up (first-call allocations)
+    rows, per_user = [], {}
+    for bs in batch_sizes:
+        best, decoded = None, 0
+        for _ in range(args.repeats):
+            seconds, decoded = generate_fixed(model, tokenizer, prompts, budgets, bs)
+            best = seconds if best is None else min(best, seconds)
+        per_user[bs] = len(prompts) / best
+        rows.append([f"fixed length{' (batching off)' if bs == 1 else ''}", f"{bs}", f"{len(prompts)}",
+                     f"{wanted:,}", f"{decoded:,}", f"{best:.1f}", f"{wanted / best:,.0f}", f"{per_user[bs]:.2f}",
+                     f"{per_user[bs] / per_user[batch_sizes[0]]:.2f}x" if batch_sizes[0] == 1 else "-"])
+
+    _, report = predict_grid(model, tokenizer, data, split="test", prompts=dict(zip(chosen, prompts)),
+                             batch_size=DEFAULT_BATCH, max_users=args.users, on_missing_prompt="fallback",
+                             progress=False)
+    seconds = report["generation_seconds"]
+    rows.append(["as in predict_grid (stops at EOS)", f"{DEFAULT_BATCH}", f"{len(prompts)}",
+                 f"{report['tokens_generated']:,}", "-", f"{seconds:.1f}",
+                 f"{report['tokens_generated'] / seconds:,.0f}", f"{len(prompts) / seconds:.2f}", "-"])
+    header = ["mode", "batch size", "users", "generated tokens", "decoded tokens (rows x steps)", "seconds",
+              "generated tokens/s", "users/s", "speed-up per user vs batch 1"]
+    title = (f"Generation, demo horizon (days {LLAMAMOB_INPUT_DAYS[0]}-{LLAMAMOB_INPUT_DAYS[1]} in, "
+             f"{LLAMAMOB_PREDICT_DAYS[0]}-{LLAMAMOB_PREDICT_DAYS[1]} asked), first {len(prompts)} test users: prompts "
+             f"{prompt_tokens.mean():,.0f} tokens (max {prompt_tokens.max():,}), answer budgets "
+             f"{budgets.mean():,.0f} tokens (max {budgets.max():,}); {torch.get_num_threads()} torch thread(s), "
+             f"{next(model.parameters()).device}, best of {args.repeats}")
+    print_table(title, header, rows, "lrrrrrrrr")
+    print(f"\npredict_grid row: {report['stopped_at_limit']} of {len(prompts)} answers hit the budget, "
+          f"{report['unparsable']} unparsable, {report['answered']} of {report['asked_slots']} asked slots answered "
+          f"by the model (the rest from slot-mode); its time includes rendering, not parsing and filling "
+          f"(total {report['total_seconds']:.1f} s)")
+
+    if batch_sizes[0] != 1 or len(batch_sizes) < 2:
+        print("\nno verdict on batching: --batch-sizes must start with 1 and list a larger size")
+        return
+    best_bs = max(batch_sizes[1:], key=lambda b: per_user[b])
+    speedup = per_user[best_bs] / per_user[1]
+    at_default = (f"; at the default batch size {DEFAULT_BATCH}: {per_user[DEFAULT_BATCH] / per_user[1]:.2f}x"
+                  if DEFAULT_BATCH in per_user else "")
+    verdict = "yes" if speedup >= TARGET_SPEEDUP else "no"
+    print(f"\nbatching at least {TARGET_SPEEDUP:.0f}x faster per user than batch size 1 (the issue's target): "
+          f"{verdict} (best: batch size {best_bs}, {speedup:.2f}x users/s{at_default})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, default=None,
+                        help="an existing humob-qa run folder (model/, tokenizer/), e.g. runs/demo/sft/llamamob; "
+                             "default: train the demo recipe for --train-steps steps in a temporary folder")
+    parser.add_argument("--train-steps", type=int, default=60,
+                        help="max_steps of the demo recipe when no --run is given (default 60)")
+    parser.add_argument("--users", type=int, default=16,
+                        help="test users whose prompts are generated (default 16 of the 40 test users, to keep the "
+                             "run short on 2 busy cores)")
+    parser.add_argument("--batch-sizes", default="1,4,8,16",
+                        help="comma-separated generation batch sizes; 1 (first) is batching off (default 1,4,8,16)")
+    parser.add_argument("--repeats", type=int, default=1, help="timings per batch size; best is reported (default 1)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic city, the split and the training")
+    args = parser.parse_args(argv)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    if not batch_sizes or min(batch_sizes) < 1:
+        parser.error(f"--batch-sizes must list positive integers, got {args.batch_sizes!r}")
+    if args.users < 1 or args.repeats < 1 or args.train_steps < 1 or args.threads < 0:
+        parser.error("--users, --repeats and --train-steps must be positive, --threads non-negative")
+    if args.run is not None and not (args.run / "model").is_dir():
+        parser.error(f"--run {args.run} has no model/ folder")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in ("transformers", "train", "dataset_builders"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"{os.cpu_count()} CPUs, load average {load} at start (other work on the cores slows every timing); "
+          f"{torch.get_num_threads()} torch thread(s)")
+
+    from train.llamamob import _load
+
+    with tempfile.TemporaryDirectory(prefix="bench_humob_") as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        dirs = build_data(root, seed=args.seed)
+        t_data = time.perf_counter() - t0
+        if args.run is not None:
+            run, how = args.run, f"run {args.run}"
+        else:
+            from train.sft import load_recipe, run_sft
+
+            recipe = load_recipe(LLAMAMOB_RECIPE, instructions=str(dirs["demo"][1]), output_dir=str(root / "run"),
+                                 max_steps=args.train_steps, seed=args.seed, eval_samples=0, save_steps=10**9,
+                                 logging_steps=max(1, args.train_steps // 3))
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(sys.stderr):  # the Trainer's log lines, not between the tables
+                run = run_sft(recipe)
+            how = (f"trained here: {LLAMAMOB_RECIPE.name} cut to {args.train_steps} steps on the demo-horizon rows "
+                   f"({time.perf_counter() - t0:.0f} s); generation speed depends on the lengths, not on how well "
+                   "the model is trained, and the fixed-length rows fix the lengths")
+        model, tokenizer = _load(Path(run))
+        params = sum(p.numel() for p in model.parameters())
+        print(f"\nset-up: data (synthetic city, both horizons, humob-qa rows) {t_data:.1f} s; model {how}; "
+              f"{params:,} parameters, vocab {len(tokenizer):,}")
+        bench_prompts(tokenizer, {h: qa for h, (_, qa) in dirs.items()})
+        bench_generation(args, model, tokenizer, *dirs["demo"], batch_sizes)
+
+
+if __name__ == "__main__":
+    main()
