@@ -67,6 +67,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.tables import print_table  # noqa: E402
 from dataset_builders.instructions.humob_qa import HumobQAConfig, build_humob_qa, parse_records  # noqa: E402
 from dataset_builders.preprocess import GridPreprocessConfig, prepare_grid  # noqa: E402
 from dataset_builders.publish import load_prepared  # noqa: E402
@@ -79,21 +80,6 @@ PAPER_INPUT_DAYS = (0, 59)
 PAPER_PREDICT_DAYS = (60, 74)
 TARGET_SPEEDUP = 3.0  # the issue: batching at least 3x faster per user than unbatched
 DEFAULT_BATCH = 8  # generate_answers / predict_grid default
-
-
-def print_table(title: str, header: list[str], rows: list[list[str]], align: str) -> None:
-    """A Markdown table; `align` has one letter per column, `l` or `r`."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w)
-                                 for c, w, a in zip(cells, widths, align)) + " |"
-
-    print(f"\n{title}\n")
-    print(line(header))
-    print("|" + "|".join("-" * (w + 1) + ":" if a == "r" else "-" * (w + 2) for w, a in zip(widths, align)) + "|")
-    for row in rows:
-        print(line(row))
 
 
 def build_data(root: Path, seed: int = 0) -> dict[str, tuple[Path, Path]]:

@@ -44,6 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.tables import print_table  # noqa: E402
 from modeling_mobility.calliper import CaLLiPerConfig, CaLLiPerModel  # noqa: E402
 
 MHSA_RECIPE = REPO / "train" / "recipes" / "mhsa_demo.yaml"
@@ -52,21 +53,6 @@ EMBED_TARGET_PER_SECOND = 200_000.0
 # the synthetic city's box (dataset_builders.synthetic: latitude 40.68-40.88, longitude -74.06 to -73.86)
 CITY_LON = (-74.06, -73.86)
 CITY_LAT = (40.68, 40.88)
-
-
-def print_table(title: str, header: list[str], rows: list[list[str]], align: str) -> None:
-    """A Markdown table; `align` has one letter per column, `l` or `r`."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w)
-                                 for c, w, a in zip(cells, widths, align)) + " |"
-
-    print(f"\n{title}\n")
-    print(line(header))
-    print("|" + "|".join("-" * (w + 1) + ":" if a == "r" else "-" * (w + 2) for w, a in zip(widths, align)) + "|")
-    for row in rows:
-        print(line(row))
 
 
 def _with_threads(threads: int, fn, *args, **kwargs):
