@@ -590,7 +590,7 @@ def run_demo(
 
         logger.info("CaLLiPer + MHSA, conventional split")
         calliper_result = run_calliper_demo(data_dir, out / "calliper_mhsa", seed=seed, max_epochs=mhsa_epochs)
-        logger.info("CaLLiPer + MHSA, inductive split (10%% of the training locations held out)")
+        logger.info("CaLLiPer + MHSA, inductive split (10% of the training locations held out)")
         inductive = prepare_checkins(loaded, CheckinPreprocessConfig(inductive_fraction=0.1, seed=seed))
         inductive_dir = write_prepared(inductive, out / "data" / "checkins_inductive",
                                        title="hf-mobility synthetic check-in city, inductive split")
