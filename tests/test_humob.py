@@ -211,6 +211,12 @@ def test_fill_predictions_answers_each_asked_slot_once_and_counts_every_repair()
     rows, counts = fill_predictions(asked, np.zeros((0, 4)), fallback)
     assert rows[:, 2:].tolist() == fallback.tolist() and counts["filled"] == 5 and counts["predicted"] == 0
 
+    # a 0-based grid (cells 0..199): cell 0 is on it, cell 200 is not
+    rows, counts = fill_predictions(asked[:1], np.array([[8, 10, 0, 199]]), fallback[:1], coordinate_base=0)
+    assert rows.tolist() == [[8, 10, 0, 199]] and counts["out_of_grid"] == 0
+    rows, counts = fill_predictions(asked[:1], np.array([[8, 10, 200, 5]]), fallback[:1], coordinate_base=0)
+    assert rows.tolist() == [[8, 10, 1, 1]] and counts["out_of_grid"] == 1
+
 
 def test_fill_predictions_rejects_bad_input():
     asked = np.array([[8, 10], [8, 11]])
@@ -222,6 +228,8 @@ def test_fill_predictions_rejects_bad_input():
         fill_predictions(asked, np.ones((2, 3)), np.ones((2, 2)))
     with pytest.raises(ValueError, match="grid_size"):
         fill_predictions(asked, np.zeros((0, 4)), np.ones((2, 2)), grid_size=0)
+    with pytest.raises(ValueError, match="coordinate_base"):
+        fill_predictions(asked, np.zeros((0, 4)), np.ones((2, 2)), coordinate_base=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -351,12 +351,12 @@ def _int_array(value: Any, name: str, cols: int) -> np.ndarray:
 
 
 def fill_predictions(
-    asked_dt: Any, predicted: Any, fallback_xy: Any, grid_size: int = 200
+    asked_dt: Any, predicted: Any, fallback_xy: Any, grid_size: int = 200, coordinate_base: int = 1
 ) -> tuple[np.ndarray, dict[str, int]]:
     """Answer every asked (d, t) exactly once, in the asked order, from predicted rows and a fallback.
 
     Each predicted row is classified once, in this order: `not_asked` (its (d, t) is not asked: dropped),
-    `out_of_grid` (x or y outside `1..grid_size`: dropped), `used` (the first remaining row of its slot) or
+    `out_of_grid` (x or y outside `coordinate_base..coordinate_base + grid_size - 1`: dropped), `used` (the first remaining row of its slot) or
     `duplicate` (a later row of an already answered slot: dropped). Asked slots without a used row take the fallback
     cell and are counted `filled` (this includes slots whose only predictions were out of the grid). So
     `predicted == answered + duplicate + not_asked + out_of_grid` and `asked == answered + filled`.
@@ -369,7 +369,10 @@ def fill_predictions(
         fallback_xy (`array-like` of shape `(m, 2)`):
             The cell to use for each asked slot without a usable prediction.
         grid_size (`int`, *optional*, defaults to 200):
-            Cells per side; valid cells are `1..grid_size`.
+            Cells per side.
+        coordinate_base (`int`, *optional*, defaults to 1):
+            The first cell number: 1 for HuMob / YJMob100K files (cells 1..200), 0 for 0-based derived files (the
+            grid reader records it in the dataset metadata).
 
     Returns:
         `(np.ndarray, dict)`: the rows (d, t, x, y) as int64 of shape `(m, 4)` in the asked order, and counts
@@ -400,7 +403,10 @@ def fill_predictions(
     slot_of_code[asked_codes] = np.arange(m)
     pred_slot = slot_of_code[pred_codes]
     not_asked = pred_slot < 0
-    in_grid = ((pred[:, 2:] >= 1) & (pred[:, 2:] <= grid_size)).all(axis=1)
+    if isinstance(coordinate_base, bool) or not isinstance(coordinate_base, (int, np.integer)) or coordinate_base < 0:
+        raise ValueError(f"coordinate_base must be a non-negative integer, got {coordinate_base!r}")
+    last = coordinate_base + grid_size - 1
+    in_grid = ((pred[:, 2:] >= coordinate_base) & (pred[:, 2:] <= last)).all(axis=1)
     out_of_grid = ~not_asked & ~in_grid
     candidates = np.flatnonzero(~not_asked & in_grid)
     used_slots, first = np.unique(pred_slot[candidates], return_index=True)  # first row of each answered slot
@@ -808,6 +814,7 @@ def predict_grid(
                        "answer the prompts", differs, len(uids), split)
     day0 = int(data.metadata.get("day0_weekday", 0))
     grid_size = int(data.metadata.get("grid_size") or 200)
+    base = int(data.metadata.get("coordinate_base", 1))
     fallbacks = _fallback_cells(samples, asked, day0)
 
     prompted = np.flatnonzero(has_prompt)
@@ -843,7 +850,7 @@ def predict_grid(
                 if len(unparsable_examples) < 3:
                     unparsable_examples.append({"uid": int(u), "answer": answer[:200]})
         try:
-            filled, counts = fill_predictions(a, rows, fb, grid_size=grid_size)
+            filled, counts = fill_predictions(a, rows, fb, grid_size=grid_size, coordinate_base=base)
         except ValueError as err:
             raise ValueError(f"uid {u}: {err}") from None
         totals.update(counts)
