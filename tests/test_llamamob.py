@@ -116,3 +116,15 @@ def test_errors_are_clear(trained, capsys):
     assert "not a training run folder" in capsys.readouterr().err
     assert main(["-q", "evaluate", "--data", str(trained / "data"), "--predictions", "x.csv"]) == 2
     assert "--predictions needs" in capsys.readouterr().err
+
+
+def test_staged_for_the_hub_with_its_own_card(trained, tmp_path):
+    from train.push import stage_run
+
+    staged = stage_run(trained / "run", tmp_path / "staged", repo_id="user/llamamob-demo")
+    card = (staged["model"] / "README.md").read_text()
+    assert "Llama-3-8B-Mob" in card and "2410.23692" in card and "QT-Mob" not in card
+    assert 'AutoTokenizer.from_pretrained("user/llamamob-demo")' in card
+    assert (staged["model"] / "model.safetensors").is_file() and (staged["model"] / "tokenizer.json").is_file()
+    assert not (staged["model"] / "rqvae").exists()
+    assert (staged["instructions"] / "README.md").is_file()

@@ -1,4 +1,4 @@
-"""Publish a QT-Mob training run on the Hugging Face Hub (DESIGN §7).
+"""Publish a training run of `mobility train sft` (QT-Mob, or Llama-3-8B-Mob with its own card) on the Hugging Face Hub (DESIGN §7).
 
 ```bash
 mobility push runs/demo/sft --repo-id USER/qtmob-demo            # model repo + USER/qtmob-demo-instructions
@@ -304,8 +304,13 @@ def _stage_model(run: Path, info: dict, out: Path, *, repo_id: str | None, datas
     recipe = (run / "recipe.yaml").read_text(encoding="utf-8") if (run / "recipe.yaml").is_file() else None
     if recipe is not None:
         yaml.safe_load(recipe)  # fail early on a broken recipe rather than publish it
-    card = build_model_card(info, repo_id=repo_id, metrics=metrics, recipe=recipe, dataset_repo_id=dataset_repo_id,
-                            has_rqvae=rqvae is not None)
+    if info.get("method") == "llamamob-sft":  # a Llama-3-8B-Mob run: its own card (no location codes, grid metrics)
+        from .llamamob import build_model_card as build_llamamob_card
+
+        card = build_llamamob_card(info, metrics=metrics, recipe=recipe, repo_id=repo_id)
+    else:
+        card = build_model_card(info, repo_id=repo_id, metrics=metrics, recipe=recipe,
+                                dataset_repo_id=dataset_repo_id, has_rqvae=rqvae is not None)
     (out / "README.md").write_text(card, encoding="utf-8")
 
 
