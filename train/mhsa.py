@@ -728,7 +728,14 @@ def evaluate_mhsa(
         raise ValueError(f"{data.path}: split {split!r} has no samples")
     device = next(model.parameters()).device
     mask = model.candidate_mask.cpu().numpy()
+    unseen = ~samples.target_seen
+    locations = _location_columns(data, config.location_ids)
+    heldout = locations["heldout"]
+    # "given that the next place is a new one, which?": unseen targets ranked among the held-out locations only
+    among_unseen = bool(unseen.any() and heldout.any())
+    allowed = mask & heldout
     ranks = np.empty(len(samples), dtype=np.float64)
+    among = np.full(len(samples), np.inf)
     start = time.perf_counter()
     with torch.inference_mode():
         for lo in range(0, len(samples), batch_size):
@@ -739,20 +746,16 @@ def evaluate_mhsa(
             batch_ranks = ranks_from_scores(logits, labels)
             batch_ranks[~mask[labels]] = np.inf  # a target the model cannot predict is a miss
             ranks[rows] = batch_ranks
+            sel = np.flatnonzero(unseen[rows] & allowed[labels]) if among_unseen else np.zeros(0, dtype=np.int64)
+            if sel.size:
+                restricted = np.where(allowed[None, :], logits[sel], -np.inf)
+                among[rows[sel]] = ranks_from_scores(restricted, labels[sel])
     seconds = time.perf_counter() - start
     model_res = ranking_metrics(ranks)
-    unseen = ~samples.target_seen
     if unseen.any():
         model_res["unseen"] = ranking_metrics(ranks[unseen])
-    locations = _location_columns(data, config.location_ids)
-    heldout = locations["heldout"]
-    if unseen.any() and heldout.any():
-        # "given that the next place is a new one, which?": only the held-out locations are candidates
-        unseen_rows = np.flatnonzero(unseen)
-        allowed = mask & heldout
-        model_res["unseen_candidates"] = ranking_metrics(
-            _ranks_among(model, samples, unseen_rows, allowed, batch_size, device)
-        )
+    if among_unseen:
+        model_res["unseen_candidates"] = ranking_metrics(among[unseen])
     report = evaluate_baselines(data, "all", split=split, sample_ids=samples.sample_ids)
     last = samples.history_index[samples.offsets[1:] - 1]
     nearest = nearest_location_ranks(last, samples.target_index, locations["latitude"], locations["longitude"])
@@ -791,25 +794,6 @@ def _location_columns(data, location_ids) -> dict[str, np.ndarray]:
     held = table["heldout"].fillna(False).to_numpy(dtype=bool) if "heldout" in table else np.zeros(len(table), bool)
     return {"latitude": table["latitude"].to_numpy(np.float64), "longitude": table["longitude"].to_numpy(np.float64),
             "heldout": held}
-
-
-def _ranks_among(model, samples: MHSASamples, rows: np.ndarray, allowed: np.ndarray, batch_size: int,
-                 device) -> np.ndarray:
-    """Ranks of the targets of `rows` when only the `allowed` locations are candidates (others rank `inf`)."""
-    ranks = np.full(len(rows), np.inf)
-    if not allowed.any():
-        return ranks
-    with torch.inference_mode():
-        for lo in range(0, len(rows), batch_size):
-            part = rows[lo : lo + batch_size]
-            batch = samples.batch(part)
-            labels = batch.pop("labels").numpy()
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy()
-            logits[:, ~allowed] = -np.inf
-            got = ranks_from_scores(logits, labels)
-            got[~allowed[labels]] = np.inf
-            ranks[lo : lo + len(part)] = got
-    return ranks
 
 
 # ---------------------------------------------------------------------------------------------------------------------
