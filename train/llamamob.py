@@ -56,9 +56,11 @@ def read_run_info(run_dir: str | os.PathLike) -> tuple[Path, dict]:
 
 
 def _instructions_dir(run: Path, info: dict) -> Path:
-    for folder in (run / "instructions", Path(info.get("instructions") or "")):
-        if (folder / "README.md").is_file():
-            return folder
+    from .push import _find_instructions
+
+    folder = _find_instructions(info, run)
+    if folder is not None:
+        return folder
     raise FileNotFoundError(f"{run}: neither instructions/ nor the instruction dataset named in run_info.json "
                             f"({info.get('instructions')}) exists; the prompts to answer come from there")
 
