@@ -288,6 +288,57 @@ def test_generation_stops_at_eos(tokenizer, prompts):
     assert stats["tokens"] == 3 and stats["stopped_at_limit"] == 0
 
 
+def test_constrained_answers_hold_exactly_the_asked_slots(grid_dir, tokenizer, model, prompts):
+    from train.humob_grammar import AnswerGrammar
+
+    rows = _samples(grid_dir, "train")[:4]
+    user_prompts = [_prompt(row, max_input_rows=k) for row, k in zip(rows, (3, 12, 6, 20))]
+    asked = [parse_asked_slots(p) for p in user_prompts]
+    asked[1] = asked[1][:3]  # rows of one batch with different answer lengths
+    budgets = [answer_token_budget(tokenizer, len(a)) for a in asked]
+    answers, stats = humob._generate(model, tokenizer, user_prompts, batch_size=4, max_new_tokens=budgets,
+                                     progress=False, asked=asked, cell_range=(1, 200))
+    for answer, a in zip(answers, asked):
+        parsed = json.loads(answer)["prediction"]  # strict JSON, no repair needed
+        assert [r[:2] for r in parsed] == a.tolist()
+        cells = np.array([r[2:] for r in parsed])
+        assert cells.min() >= 1 and cells.max() <= 200
+        assert answer == AnswerGrammar(a, 1, 200).text_of(cells)
+    assert stats["stopped_at_limit"] == 0
+    assert stats["overrides"].shape == (4,) and (stats["overrides"] > 0).all()  # a random model leaves the format
+    # the model still chooses the cells: batched and unbatched agree, and the public function gives the same
+    alone = humob._generate(model, tokenizer, user_prompts, batch_size=1, max_new_tokens=budgets, progress=False,
+                            asked=asked, cell_range=(1, 200))[0]
+    assert alone == answers
+    assert generate_answers(model, tokenizer, user_prompts, max_new_tokens=budgets, asked=asked,
+                            progress=False) == answers
+    with pytest.raises(ValueError, match="asked has 2 entries for 4 prompts"):
+        humob._generate(model, tokenizer, user_prompts, batch_size=2, max_new_tokens=50, progress=False,
+                        asked=asked[:2], cell_range=(1, 200))
+
+
+def test_constrained_decoding_follows_the_model_where_it_can(grid_dir, tokenizer, prompts):
+    """A model that always wants eos: the grammar replaces eos until the answer is complete, then lets it through."""
+    model = _eos_only_model(tokenizer)
+    user_prompts = list(prompts["test"].values())
+    asked = [parse_asked_slots(p) for p in user_prompts]
+    answers, stats = humob._generate(model, tokenizer, user_prompts, batch_size=2, max_new_tokens=400,
+                                     progress=False, asked=asked, cell_range=(1, 200))
+    for answer, a in zip(answers, asked):
+        assert [r[:2] for r in json.loads(answer)["prediction"]] == a.tolist()
+    # every token but the final eos was an override; the final eos was the model's own choice
+    assert stats["tokens"] == sum(stats["overrides"]) + len(answers)
+    assert stats["stopped_at_limit"] == 0
+
+
+def test_constrained_decoding_with_a_tiny_budget_is_cut_and_filled(grid_dir, tokenizer, model, prompts):
+    frame, report = predict_grid(model, tokenizer, grid_dir, "test", prompts["test"], max_new_tokens=12,
+                                 progress=False)
+    assert report["decoding"] == "constrained" and report["stopped_at_limit"] == report["users"]
+    assert report["answered"] + report["filled"] == report["asked_slots"] and report["filled"] > 0
+    assert report["not_asked"] == report["duplicate"] == report["out_of_grid"] == 0
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # predict_grid and evaluate_grid_predictions
 
@@ -308,7 +359,7 @@ def test_predict_grid_with_a_random_model_answers_every_asked_slot(grid_dir, tok
     instructions = _write_instructions(tmp_path / "qa", prompts)
     out_csv = tmp_path / "pred" / "test.csv"
     frame, report = predict_grid(model, tokenizer, grid_dir, "test", instructions_dir=instructions, batch_size=2,
-                                 progress=False, out_csv=out_csv)
+                                 constrained=False, progress=False, out_csv=out_csv)
     reference = grid_targets(humob._load_grid(grid_dir), "test")
     assert list(frame.columns) == ["uid", "d", "t", "x", "y"] and (frame.dtypes == np.int64).all()
     # exactly one row per asked slot, in the split's user order and the asked order
@@ -325,8 +376,21 @@ def test_predict_grid_with_a_random_model_answers_every_asked_slot(grid_dir, tok
     assert report["asked_differs_from_targets"] == 0 and report["unused_prompts"] == 0
     assert pd.read_csv(out_csv).equals(frame)
     # the dict-of-prompts path gives the same greedy answers
-    same, _ = predict_grid(model, tokenizer, grid_dir, "test", prompts["test"], batch_size=1, progress=False)
+    same, _ = predict_grid(model, tokenizer, grid_dir, "test", prompts["test"], batch_size=1, constrained=False,
+                           progress=False)
     assert same.equals(frame)
+    assert report["decoding"] == "free" and report["grammar_overrides"] is None
+
+
+def test_predict_grid_constrained_answers_every_slot_from_the_model(grid_dir, tokenizer, model, prompts):
+    frame, report = predict_grid(model, tokenizer, grid_dir, "test", prompts["test"], batch_size=2, progress=False)
+    reference = grid_targets(humob._load_grid(grid_dir), "test")
+    assert frame[["uid", "d", "t"]].to_numpy().tolist() == reference[["uid", "d", "t"]].to_numpy().tolist()
+    assert report["decoding"] == "constrained" and report["grammar_overrides"] > 0
+    assert report["answered"] == report["asked_slots"] == len(frame) and report["filled"] == 0
+    assert report["parse_methods"]["json"] == report["users"] and report["unparsable"] == 0
+    assert report["not_asked"] == report["duplicate"] == report["out_of_grid"] == report["invalid"] == 0
+    assert report["stopped_at_limit"] == 0
 
 
 def test_predict_grid_fills_from_slot_mode_when_the_model_says_nothing(grid_dir, tokenizer, prompts):
@@ -334,7 +398,7 @@ def test_predict_grid_fills_from_slot_mode_when_the_model_says_nothing(grid_dir,
     from train.baselines import slot_mode_predictions
 
     frame, report = predict_grid(_eos_only_model(tokenizer), tokenizer, grid_dir, "test", prompts["test"],
-                                 progress=False)
+                                 constrained=False, progress=False)
     slot_mode = slot_mode_predictions(load_prepared(grid_dir).table("samples", "test"), day0_weekday=0)
     assert frame.to_numpy().tolist() == slot_mode.astype(np.int64).to_numpy().tolist()
     assert report["unparsable"] == report["users"] == 3 == report["parse_methods"]["none"]
@@ -352,7 +416,7 @@ def test_predict_grid_users_without_prompt_can_fall_back(grid_dir, tokenizer, pr
     del partial[dropped]
     partial[12345] = prompts["train"][next(iter(prompts["train"]))]  # a prompt of no user of the split: unused
     frame, report = predict_grid(_eos_only_model(tokenizer), tokenizer, grid_dir, "test", partial,
-                                 on_missing_prompt="fallback", progress=False)
+                                 on_missing_prompt="fallback", constrained=False, progress=False)
     slot_mode = slot_mode_predictions(load_prepared(grid_dir).table("samples", "test"), day0_weekday=0)
     assert frame.to_numpy().tolist() == slot_mode.astype(np.int64).to_numpy().tolist()
     assert report["users"] == 3 and report["users_without_prompt"] == 1 and report["unused_prompts"] == 1
@@ -383,7 +447,8 @@ def test_predict_grid_parses_repairs_and_fills_model_answers(grid_dir, tokenizer
         return answers, {"seconds": 0.5, "tokens": 100, "stopped_at_limit": 1, "prompt_tokens": 1000}
 
     monkeypatch.setattr(humob, "_generate", fake_generate)
-    frame, report = predict_grid(model, tokenizer, grid_dir, "test", prompts["test"], progress=False)
+    frame, report = predict_grid(model, tokenizer, grid_dir, "test", prompts["test"], constrained=False,
+                                 progress=False)
     reference = grid_targets(humob._load_grid(grid_dir), "test").astype(np.int64)
     slot_mode = slot_mode_predictions(load_prepared(grid_dir).table("samples", "test"), day0_weekday=0)
     lost = int(np.flatnonzero(reference["uid"].to_numpy() == uids[1])[-1])

@@ -40,6 +40,8 @@ def test_run_folder_holds_a_chat_model_and_its_instructions(trained):
     info = json.loads((run / "run_info.json").read_text())
     assert info["method"] == "llamamob-sft" and info["tasks"] == ["humob-qa"] and info["global_step"] == 4
     assert "location_tokenizer" not in info and "location_format" not in info
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert config["num_key_value_heads"] == 1 and config["num_attention_heads"] == 4  # the recipe's GQA
     assert (run / "model" / "model.safetensors").is_file() and (run / "instructions" / "README.md").is_file()
     from transformers import AutoTokenizer
 
@@ -66,7 +68,9 @@ def test_predict_answers_every_asked_slot_once_and_evaluate_scores_it(trained, c
     assert len(pred) == len(asked) and set(zip(pred["uid"], pred["d"], pred["t"])) == asked
     assert pred[["x", "y"]].min().min() >= 1 and pred[["x", "y"]].max().max() <= 200
     report = json.loads((run / "prediction_report_test.json").read_text())
-    assert report["asked_slots"] == len(asked) == report["answered"] + report["filled"]
+    # constrained decoding (the default): the model answers every asked slot itself, on the grid, nothing dropped
+    assert report["decoding"] == "constrained" and report["answered"] == report["asked_slots"] == len(asked)
+    assert report["filled"] == report["not_asked"] == report["out_of_grid"] == report["stopped_at_limit"] == 0
 
     assert main(["-q", "evaluate", str(run), "--data", str(data), "--predictions", str(out)]) == 0
     printed = capsys.readouterr().out

@@ -181,6 +181,11 @@ def test_recipe_yaml_and_cli_overrides(tmp_path):
         parse_recipe(["--max_steps", "three"])
     with pytest.raises(ValueError, match="unknown tasks"):
         load_recipe(tasks=["next", "weather"])
+    assert parse_recipe(["--num_key_value_heads", "2"]).num_key_value_heads == 2
+    with pytest.raises(ValueError, match="must divide tiny-llama's 4 attention heads"):
+        parse_recipe(["--num_key_value_heads", "3"])
+    with pytest.raises(ValueError, match="a pretrained base keeps its own"):
+        parse_recipe(["--base_model", "some/llm", "--num_key_value_heads", "1"])
 
 
 _RELOAD_SCRIPT = """

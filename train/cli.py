@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--predictions", type=Path, default=None,
                     help="with a Llama-3-8B-Mob RUN_DIR: score this uid,d,t,x,y CSV (from `mobility predict`) "
                     "instead of predicting again")
+    ev.add_argument("--free-decoding", action="store_true",
+                    help="with a Llama-3-8B-Mob RUN_DIR: decode freely as the paper does (default: grammar-constrained)")
 
     pr = sub.add_parser(
         "predict",
@@ -245,8 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", required=True, type=Path, help="the prepared grid dataset of the instructions")
     pr.add_argument("--split", default="test", help="split to predict: test (default), validation or hidden")
     pr.add_argument("--out", type=Path, default=None, help="CSV to write (default RUN/predictions_SPLIT.csv)")
-    pr.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default 8; 1 = off)")
+    pr.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16; 1 = off)")
     pr.add_argument("--max-users", type=int, default=None, help="only the first N users of the split")
+    pr.add_argument("--free-decoding", action="store_true",
+                    help="decode freely as the paper does (default: grammar-constrained, the model writes only the "
+                    "cells of the asked slots, in order, on the grid)")
 
     push = sub.add_parser(
         "push",
@@ -470,7 +475,8 @@ def _evaluate(args) -> None:
         from .llamamob import evaluate_llamamob_run
 
         report = evaluate_llamamob_run(args.run_dir, args.data, split=args.split, predictions=args.predictions,
-                                       batch_size=args.batch_size, progress=not args.quiet)
+                                       batch_size=args.batch_size, constrained=not args.free_decoding,
+                                       progress=not args.quiet)
         print(f"{args.run_dir} beside the slot-mode baseline on {args.data} ({args.split} split):\n")
         print(format_results_table(report))
         pred = report.get("prediction")
@@ -516,10 +522,13 @@ def _predict(args) -> None:
         raise ValueError("--batch-size and --max-users must be positive")
     frame, report = predict_llamamob_run(args.run_dir, args.data, split=args.split, out_csv=args.out,
                                          batch_size=args.batch_size, max_users=args.max_users,
-                                         progress=not args.quiet)
+                                         constrained=not args.free_decoding, progress=not args.quiet)
     print(f"{report.get('users', '?')} users, {len(frame):,} predicted slots; {report.get('filled', 0):,} filled from "
           f"the slot-mode baseline, {report.get('not_asked', 0):,} generated slots not asked (dropped), "
           f"{report.get('unparsable', 0)} unparsable answers")
+    if report.get("decoding") == "constrained":
+        print(f"constrained decoding: {report.get('grammar_overrides', 0):,} tokens where the model's own choice left "
+              "the answer format and the best token on it was taken")
     print(f"wrote {report['predictions']}")
 
 

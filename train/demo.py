@@ -329,9 +329,11 @@ def _llamamob_lines(result: dict, out: Path) -> list[str]:
         f"A tiny Llama trained from scratch (`train/recipes/llamamob_demo.yaml`) on humob-qa rows of the grid city: "
         f"days {LLAMAMOB_INPUT_DAYS[0]}-{LLAMAMOB_INPUT_DAYS[1]} in, days {LLAMAMOB_PREDICT_DAYS[0]}-"
         f"{LLAMAMOB_PREDICT_DAYS[1]} asked (the paper: 60 days in, 15 out, Llama-3-8B-Instruct with LoRA), "
-        f"{LLAMAMOB_WINDOWS} windows per training user. Predictions are batched greedy generations, parsed "
-        "tolerantly; every asked slot is answered once (unusable or missing slots come from slot-mode). The slot-mode "
-        "baseline sees all 60 input days, the model only its window.",
+        f"{LLAMAMOB_WINDOWS} windows per training user. Predictions are batched greedy generations under the answer "
+        "grammar (hf-mobility's default: the model writes only the cells of the asked slots, in the asked order, on "
+        "the grid, so every score below is the model's own; `mobility predict --free-decoding` decodes freely as the "
+        "paper does and fills missing slots from slot-mode). The slot-mode baseline sees all 60 input days, the model "
+        "only its window.",
         "",
         format_results_table(report),
         "",
@@ -347,7 +349,14 @@ def _llamamob_lines(result: dict, out: Path) -> list[str]:
         lines += [f"{name} {verdict} slot-mode on GEO-BLEU (N=5) by {abs(diff):.4f} ({model['geobleu@5']:.4f} vs "
                   f"{base['geobleu@5']:.4f}); DTW {model['dtw']:.2f} vs {base['dtw']:.2f} (lower is better).{share}",
                   ""]
-    if pred.get("asked_slots"):
+    if pred.get("decoding") == "constrained" and pred.get("asked_slots"):
+        lines += [f"Constrained decoding: {pred.get('answered', 0):,} of {pred['asked_slots']:,} asked slots answered "
+                  f"by the model; at {pred.get('grammar_overrides', 0):,} of {pred.get('tokens_generated', 0):,} "
+                  "generated tokens the model's own top token left the answer format (a skipped, invented or "
+                  f"reordered slot, a cell off the grid) and the best token on it was taken; "
+                  f"{pred.get('tokens_per_second', 0):,.0f} generated tokens/s at batch size "
+                  f"{pred.get('batch_size', '?')}.", ""]
+    elif pred.get("asked_slots"):
         methods = ", ".join(f"{k} {v}" for k, v in (pred.get("parse_methods") or {}).items() if v)
         lines += [f"Answers: {pred['asked_slots']:,} asked slots of {pred.get('users', '?')} users; "
                   f"{pred.get('filled', 0):,} filled from slot-mode, {pred.get('not_asked', 0):,} generated slots "

@@ -517,11 +517,15 @@ def _render(tokenizer, prompts: Sequence[Any], chunk: int = 256) -> list[np.ndar
 
 
 def _generate(
-    model, tokenizer, prompts: Sequence[Any], *, batch_size: int, max_new_tokens: int | Sequence[int], progress: bool
+    model, tokenizer, prompts: Sequence[Any], *, batch_size: int, max_new_tokens: int | Sequence[int], progress: bool,
+    asked: Sequence[Any] | None = None, cell_range: tuple[int, int] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
-    """[`generate_answers`] with statistics: `(answers, {"seconds", "tokens", "stopped_at_limit", "prompt_tokens"})`."""
+    """[`generate_answers`] with statistics: `(answers, {"seconds", "tokens", "stopped_at_limit", "prompt_tokens",
+    "overrides"})`; `overrides` (per prompt: tokens where the grammar replaced the model's top token) only with
+    `asked`."""
     import torch
     from tqdm.auto import tqdm
+    from transformers import LogitsProcessorList
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -537,7 +541,17 @@ def _generate(
             raise ValueError(f"max_new_tokens has {len(budgets)} entries for {n} prompts: give one per prompt")
     if n and budgets.min() < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {int(budgets.min())}")
+    if asked is not None:
+        from .humob_grammar import HumobAnswerLogitsProcessor
+
+        asked = list(asked)
+        if len(asked) != n:
+            raise ValueError(f"asked has {len(asked)} entries for {n} prompts: give the asked slots of every prompt")
+        if cell_range is None or len(cell_range) != 2:
+            raise ValueError(f"cell_range must be (first cell, last cell) with asked, got {cell_range!r}")
     stats = {"seconds": 0.0, "tokens": 0, "stopped_at_limit": 0, "prompt_tokens": 0}
+    if asked is not None:
+        stats["overrides"] = np.zeros(n, dtype=np.int64)
     if n == 0:
         return [], stats
 
@@ -550,7 +564,9 @@ def _generate(
     eos = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     device = _model_device(model)
-    order = np.argsort(-lengths, kind="stable")  # longest first: similar lengths share a batch, memory peaks early
+    # longest answers first, then longest prompts: rows of a batch stop at about the same step and pad little; memory
+    # peaks early
+    order = np.lexsort((-lengths, -budgets))
     answers: list[str] = [""] * n
     was_training = getattr(model, "training", False)
     model.eval()
@@ -566,10 +582,16 @@ def _generate(
                     input_ids[row, width - lengths[i] :] = torch.from_numpy(ids[i]).long()
                     attention[row, width - lengths[i] :] = 1
                 limit = int(budgets[idx].max())
+                processors = None
+                if asked is not None:
+                    grammar = HumobAnswerLogitsProcessor(tokenizer, [asked[i] for i in idx], cell_range, eos)
+                    processors = LogitsProcessorList([grammar])
                 out = model.generate(
                     input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=limit,
-                    do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad_id,
+                    do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad_id, logits_processor=processors,
                 )
+                if asked is not None:
+                    stats["overrides"][idx] = grammar.overrides
                 new = out[:, width:].cpu().numpy()
                 for row, i in enumerate(idx):
                     gen = new[row, : int(budgets[i])]  # each prompt keeps its own budget, as if generated alone
@@ -594,14 +616,16 @@ def generate_answers(
     tokenizer,
     prompts: Sequence[Any],
     *,
-    batch_size: int = 8,
+    batch_size: int = 16,
     max_new_tokens: int | Sequence[int] = 1024,
     progress: bool = True,
+    asked: Sequence[Any] | None = None,
+    cell_range: tuple[int, int] = (1, 200),
 ) -> list[str]:
     """Greedy answers of a causal LM to chat prompts, batched.
 
     Each prompt is rendered with `tokenizer.apply_chat_template(..., add_generation_prompt=True)` (a string prompt is
-    used as it is), prompts are sorted by token length (longest first) and cut into batches of similar lengths, each
+    used as it is), prompts are sorted by answer budget, then token length (longest first) and cut into batches, each
     batch is left-padded by hand (the tokenizer's `padding_side` is neither read nor changed) and decoded greedily on
     the model's device under `torch.inference_mode()` until every row emitted an end-of-sequence token (the
     tokenizer's and the model's `generation_config` eos ids) or the budget. A prompt's answer is cut to its own
@@ -611,10 +635,16 @@ def generate_answers(
         model: a causal LM with `generate` (any device).
         tokenizer: its tokenizer, with a chat template for message prompts; its pad token (else eos) pads.
         prompts (`Sequence`): chat message lists (`[{"role": ..., "content": ...}, ...]`) or rendered strings.
-        batch_size (`int`, *optional*, defaults to 8): prompts per `generate` call; 1 is unbatched.
+        batch_size (`int`, *optional*, defaults to 16): prompts per `generate` call; 1 is unbatched.
         max_new_tokens (`int` or `Sequence[int]`, *optional*, defaults to 1024): the answer budget, one for all or
             one per prompt (see [`answer_token_budget`]).
         progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over the prompts.
+        asked (`Sequence`, *optional*): per prompt, its asked (d, t) as an `(m, 2)` array (see
+            [`parse_asked_slots`]). Given, decoding is grammar-constrained
+            ([`train.humob_grammar.HumobAnswerLogitsProcessor`]): each answer is the compact JSON with exactly the
+            asked (d, t) in the asked order and the model's cells; without it, decoding is free.
+        cell_range (`tuple[int, int]`, *optional*, defaults to `(1, 200)`): the first and last cell number, for
+            constrained decoding.
 
     Returns:
         `list[str]`: the decoded answers (special tokens skipped), in the order of `prompts`.
@@ -624,7 +654,7 @@ def generate_answers(
         without a chat template, or no eos token.
     """
     answers, _ = _generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           progress=progress)
+                           progress=progress, asked=asked, cell_range=cell_range if asked is not None else None)
     return answers
 
 
@@ -705,10 +735,11 @@ def predict_grid(
     prompts: Mapping[Any, Any] | None = None,
     *,
     instructions_dir: Any = None,
-    batch_size: int = 8,
+    batch_size: int = 16,
     max_new_tokens: int | None = None,
     max_users: int | None = None,
     on_missing_prompt: str = "error",
+    constrained: bool = True,
     progress: bool = True,
     out_csv: str | os.PathLike | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -728,13 +759,17 @@ def predict_grid(
         instructions_dir (*optional*): used when `prompts` is None: an instruction dataset folder or Hub id (the
             `humob-qa` config, else its only config; rows `uid`, `prompt`; the split named `split`), or a
             `datasets.Dataset` with those columns.
-        batch_size (`int`, *optional*, defaults to 8): prompts per generation batch; 1 is unbatched.
-        max_new_tokens (`int`, *optional*): the answer budget; default: [`answer_token_budget`] of each user's
-            number of asked slots.
+        batch_size (`int`, *optional*, defaults to 16): prompts per generation batch; 1 is unbatched.
+        max_new_tokens (`int`, *optional*): the answer budget; default: constrained, the character length of the
+            user's longest possible answer plus one (always enough: every token writes a character), free,
+            [`answer_token_budget`] of the user's number of asked slots.
         max_users (`int`, *optional*): only the first users of the split.
         on_missing_prompt (`str`, *optional*, defaults to `"error"`): what to do with users of the split without a
             prompt (e.g. dropped by the instruction builder's token budget): `"error"`, or `"fallback"` to answer their
             target slots with the slot-mode cells (counted in `users_without_prompt` and `filled`).
+        constrained (`bool`, *optional*, defaults to `True`): grammar-constrained decoding (hf-mobility choice; see
+            [`train.humob_grammar`]): the model writes only the cells of the asked slots, in the asked order, on the
+            grid; `False` decodes freely as the paper does, and the tolerant parser and the fallback repair the answers.
         progress (`bool`, *optional*, defaults to `True`): show a progress bar.
         out_csv (`str` or `os.PathLike`, *optional*): also write the predictions there as `uid,d,t,x,y` (atomically).
 
@@ -744,7 +779,9 @@ def predict_grid(
         `asked_slots`,
         `predicted_rows`, `answered`, `filled`, `not_asked`, `duplicate`, `out_of_grid`, `invalid` (unusable
         quadruples), `unparsable` (answers with no prediction at all), `parse_methods` (histogram),
-        `stopped_at_limit` (answers that hit the token budget), `asked_differs_from_targets` (users whose asked slots
+        `stopped_at_limit` (answers that hit the token budget), `decoding` (`constrained` or `free`),
+        `grammar_overrides` (constrained: tokens where the model's own top token left the answer grammar and the
+        best token on it was taken instead), `asked_differs_from_targets` (users whose asked slots
         are not the split's target slots), `unused_prompts`, `generation_seconds`, `total_seconds`, `prompt_tokens`,
         `tokens_generated`, `tokens_per_second`, `users_per_second`, `batch_size`, `unparsable_examples` (the first
         few unparsable answers, shortened).
@@ -818,7 +855,12 @@ def predict_grid(
     fallbacks = _fallback_cells(samples, asked, day0)
 
     prompted = np.flatnonzero(has_prompt)
-    if max_new_tokens is None:
+    if max_new_tokens is None and constrained:
+        from .humob_grammar import AnswerGrammar
+
+        # every constrained token writes at least one character: the longest answer in characters always fits
+        budgets = [AnswerGrammar(asked[i], base, base + grid_size - 1).max_length + 1 for i in prompted]
+    elif max_new_tokens is None:
         cache: dict[int, int] = {}
         budgets = []
         for i in prompted:
@@ -828,8 +870,11 @@ def predict_grid(
             budgets.append(cache[m])
     else:
         budgets = [max_new_tokens] * len(prompted)
-    generated, gen_stats = _generate(model, tokenizer, [by_uid[int(uids[i])] for i in prompted],
-                                     batch_size=batch_size, max_new_tokens=budgets, progress=progress)
+    generated, gen_stats = _generate(
+        model, tokenizer, [by_uid[int(uids[i])] for i in prompted], batch_size=batch_size, max_new_tokens=budgets,
+        progress=progress, asked=[asked[i] for i in prompted] if constrained else None,
+        cell_range=(base, base + grid_size - 1),
+    )
     answers: list[str | None] = [None] * len(uids)
     for i, answer in zip(prompted, generated):
         answers[i] = answer
@@ -877,6 +922,8 @@ def predict_grid(
         "asked_differs_from_targets": int(differs),
         "unused_prompts": int(unused),
         "batch_size": int(batch_size),
+        "decoding": "constrained" if constrained else "free",
+        "grammar_overrides": int(gen_stats["overrides"].sum()) if constrained else None,
         "prompt_tokens": int(gen_stats["prompt_tokens"]),
         "tokens_generated": int(gen_stats["tokens"]),
         "generation_seconds": round(seconds, 3),

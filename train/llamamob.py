@@ -81,8 +81,9 @@ def predict_llamamob_run(
     *,
     split: str = "test",
     out_csv: str | os.PathLike | None = None,
-    batch_size: int = 8,
+    batch_size: int = 16,
     max_users: int | None = None,
+    constrained: bool = True,
     progress: bool = True,
 ):
     """Answer the `split` prompts of the run's instruction dataset with its model and fill every asked slot.
@@ -94,6 +95,8 @@ def predict_llamamob_run(
         out_csv: where to write `uid,d,t,x,y` (default `RUN/predictions_{split}.csv`).
         batch_size: prompts per generation batch (1 = unbatched).
         max_users: only the first users of the split (quick looks).
+        constrained: grammar-constrained decoding (default; the model writes only the cells of the asked slots);
+            `False` decodes freely as the paper does (see [`train.humob.predict_grid`]).
         progress: show a progress bar over the batches.
 
     Returns:
@@ -107,7 +110,7 @@ def predict_llamamob_run(
     out_csv = Path(out_csv) if out_csv is not None else run / f"predictions_{split}.csv"
     predictions, report = predict_grid(
         model, tokenizer, data_dir, split=split, instructions_dir=_instructions_dir(run, info),
-        batch_size=batch_size, max_users=max_users, progress=progress, out_csv=out_csv,
+        batch_size=batch_size, max_users=max_users, constrained=constrained, progress=progress, out_csv=out_csv,
         on_missing_prompt="fallback",  # users the builder dropped (over the token budget) get the baseline, counted
     )
     report = {**report, "run": str(run), "predictions": str(out_csv)}
@@ -121,7 +124,8 @@ def evaluate_llamamob_run(
     *,
     split: str = "test",
     predictions: str | os.PathLike | None = None,
-    batch_size: int = 8,
+    batch_size: int = 16,
+    constrained: bool = True,
     progress: bool = True,
 ) -> dict:
     """GEO-BLEU (N = 5 and 3) and DTW of a run's predictions on `split`, with the slot-mode baseline beside them.
@@ -135,7 +139,7 @@ def evaluate_llamamob_run(
     prediction_report = None
     if predictions is None:
         frame, prediction_report = predict_llamamob_run(run, data_dir, split=split, batch_size=batch_size,
-                                                        progress=progress)
+                                                        constrained=constrained, progress=progress)
         source = frame
     else:
         source = Path(predictions)

@@ -66,6 +66,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TINY_LLAMA = "tiny-llama"
+TINY_LLAMA_HEADS = 4
 QTMOB_TASKS = ("next", "recovery", "alignment", "translation")
 HUMOB_TASK = "humob-qa"  # Llama-3-8B-Mob's Q&A rows (`mobility data instructions --task humob-qa`)
 TASKS = (*QTMOB_TASKS, HUMOB_TASK)
@@ -101,6 +102,10 @@ class SFTRecipe:
             (tiny-llama) or the base model's tokenizer.
         bpe_vocab_size (`int`, *optional*, defaults to 1000):
             Vocabulary of the BPE trained for tiny-llama (before the code tokens are added).
+        num_key_value_heads (`int`, *optional*):
+            tiny-llama only: key/value heads of its attention (grouped-query attention, as Llama-3 has: 8 for 32
+            query heads); must divide its 4 heads. `None`: 4 (plain multi-head attention). Fewer heads shrink the
+            KV cache, which bounds batched generation on long prompts.
         output_dir (`str`, *optional*, defaults to `"runs/sft"`):
             The run folder (checkpoints and final artefacts).
         full_finetune (`bool`, *optional*):
@@ -134,6 +139,7 @@ class SFTRecipe:
     base_model: str = TINY_LLAMA
     base_tokenizer: str | None = None
     bpe_vocab_size: int = 1000
+    num_key_value_heads: int | None = None
     output_dir: str = "runs/sft"
     full_finetune: bool | None = None
     lora_r: int = 16
@@ -183,6 +189,13 @@ class SFTRecipe:
             )
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio}")
+        if self.num_key_value_heads is not None:
+            if not self.is_tiny:
+                raise ValueError("`num_key_value_heads` sets the attention of tiny-llama; a pretrained base keeps its "
+                                 f"own (base_model={self.base_model!r})")
+            if self.num_key_value_heads < 1 or TINY_LLAMA_HEADS % self.num_key_value_heads:
+                raise ValueError(f"`num_key_value_heads` must divide tiny-llama's {TINY_LLAMA_HEADS} attention heads, "
+                                 f"got {self.num_key_value_heads}")
         for name in ("lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps",
                      "logging_steps", "save_steps", "bpe_vocab_size"):
             if getattr(self, name) < 1:
@@ -402,8 +415,8 @@ def tiny_llama(tokenizer, max_length: int | None = None, **config_overrides):
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=TINY_LLAMA_HEADS,
+        num_key_value_heads=TINY_LLAMA_HEADS,
         max_position_embeddings=max(1024, max_length or 0),
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
@@ -656,7 +669,8 @@ def run_sft(recipe: SFTRecipe) -> Path:
         if recipe.use_peft:
             raise ValueError("`full_finetune`=False with base_model='tiny-llama': a model trained from scratch needs "
                              "all parameters (set full_finetune to true or null)")
-        model = tiny_llama(tokenizer, recipe.max_length)
+        overrides = {} if recipe.num_key_value_heads is None else {"num_key_value_heads": recipe.num_key_value_heads}
+        model = tiny_llama(tokenizer, recipe.max_length, **overrides)
     else:
         with state.main_process_first():
             if state.is_main_process and not (checkpoint and base_dir.is_dir()) and recipe.use_peft:

@@ -1,0 +1,261 @@
+"""Grammar-constrained decoding of Llama-3-8B-Mob answers (hf-mobility choice; the paper decodes freely).
+
+A Q&A prompt asks a known list of (d, t) slots, so the answer has a known shape: the compact JSON
+`{"prediction":[[d1,t1,x1,y1],[d2,t2,x2,y2],...]}` with the asked (d, t) in the asked order and only the cells `x, y`
+left to the model. [`AnswerGrammar`] is a character-level automaton of that string for one prompt (cells are integers
+in `lo..hi` without leading zeros); [`HumobAnswerLogitsProcessor`] makes greedy generation follow it: at every step
+each row takes its highest-scoring token whose text keeps the answer on the grammar (the model's own top token almost
+always: it writes the scaffold the way it learnt to tokenise it), and an end-of-sequence token once the answer is
+complete. The model still chooses every cell; it can no longer skip, repeat or invent slots, write a cell off the grid
+or stop early, so every asked slot is answered by the model (unless the token budget runs out first).
+
+```python
+from transformers import LogitsProcessorList
+from train.humob_grammar import HumobAnswerLogitsProcessor
+
+processor = HumobAnswerLogitsProcessor(tokenizer, asked_per_row, cell_range=(1, 200), eos_token_id=eos_ids)
+model.generate(input_ids, attention_mask=mask, logits_processor=LogitsProcessorList([processor]), do_sample=False)
+processor.overrides  # tokens where the model's top choice left the grammar, per row
+```
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from transformers import LogitsProcessor
+
+__all__ = ["AnswerGrammar", "HumobAnswerLogitsProcessor"]
+
+logger = logging.getLogger(__name__)
+
+_ALPHABET = frozenset('0123456789,[]{}":prediction')  # every character the compact answer can hold
+_DIGITS = frozenset("0123456789")
+
+
+class AnswerGrammar:
+    """The compact JSON answer to one prompt, as a character automaton.
+
+    The answer is `{"prediction":[` + `[d,t,X,Y]` per asked slot joined by `,` + `]}`, where `d, t` are the asked
+    values (fixed text) and `X, Y` integer fields in `lo..hi`. A state is `(segment, position, digits)`: the index of
+    the current segment (fixed text or a number field), the position inside fixed text, and the digits written so far
+    in a number field. States are plain tuples, so a caller can keep one per sequence.
+
+    Every token a decoder takes writes at least one character, so an answer takes at most `max_length` tokens
+    (the length of the longest answer, every cell with the most digits) plus the end-of-sequence token.
+
+    Args:
+        asked (`array-like` of shape `(m, 2)`): the asked (d, t), in the asked order; at least one.
+        lo (`int`): the smallest cell number (the grid's coordinate base).
+        hi (`int`): the largest cell number.
+
+    Raises:
+        `ValueError`: on an empty or malformed `asked`, negative values or `lo > hi`.
+    """
+
+    def __init__(self, asked: Any, lo: int, hi: int):
+        asked = np.asarray(asked, dtype=np.int64)
+        if asked.ndim != 2 or asked.shape[1] != 2 or len(asked) == 0:
+            raise ValueError(f"asked must be an (m, 2) array of (d, t) with m >= 1, got shape {asked.shape}")
+        if (asked < 0).any():
+            raise ValueError("asked (d, t) must be non-negative integers")
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or lo > hi:
+            raise ValueError(f"the cell range must satisfy 0 <= lo <= hi, got lo={lo}, hi={hi}")
+        self.lo, self.hi = lo, hi
+        self.max_digits = len(str(hi))
+        segments: list[str | None] = []  # str: fixed text; None: a cell number
+        for k, (d, t) in enumerate(asked.tolist()):
+            segments += [('{"prediction":[[' if k == 0 else "],[") + f"{d},{t},", None, ",", None]
+        segments.append("]]}")
+        self.segments = segments
+        self.start = (0, 0, "")
+        # the longest answer: every cell with the most digits
+        self.max_length = sum(len(seg) for seg in segments if seg is not None) + 2 * len(asked) * self.max_digits
+
+    def _viable(self, digits: str) -> bool:
+        """Whether a digit prefix can still become a cell number in `lo..hi` (no leading zeros)."""
+        if len(digits) > self.max_digits or (len(digits) > 1 and digits[0] == "0"):
+            return False
+        if digits == "0":
+            return self.lo == 0
+        value = int(digits)
+        for extra in range(self.max_digits - len(digits) + 1):
+            low = value * 10**extra
+            if low > self.hi:
+                return False
+            if low + 10**extra - 1 >= self.lo:
+                return True
+        return False
+
+    def advance(self, state: tuple[int, int, str], text: str) -> tuple[int, int, str] | None:
+        """The state after writing `text` from `state`, or `None` if `text` leaves the grammar."""
+        seg, pos, digits = state
+        segments = self.segments
+        for ch in text:
+            if seg >= len(segments):
+                return None  # the answer is complete: nothing may follow
+            fixed = segments[seg]
+            if fixed is not None:
+                if ch != fixed[pos]:
+                    return None
+                pos += 1
+                if pos == len(fixed):
+                    seg, pos = seg + 1, 0
+                continue
+            if ch in _DIGITS:
+                digits += ch
+                if not self._viable(digits):
+                    return None
+                continue
+            # a number field ends at the first character of the fixed text that follows it
+            if not digits or not self.lo <= int(digits) <= self.hi:
+                return None
+            nxt = segments[seg + 1]
+            if ch != nxt[0]:
+                return None
+            seg, pos, digits = seg + 1, 1, ""
+            if pos == len(nxt):
+                seg, pos = seg + 1, 0
+        return seg, pos, digits
+
+    def is_complete(self, state: tuple[int, int, str]) -> bool:
+        """Whether the answer is complete in `state` (only an end-of-sequence token may follow)."""
+        return state[0] >= len(self.segments)
+
+    def text_of(self, cells: Any) -> str:
+        """The answer with the given `(m, 2)` cells (a reference string, e.g. for tests)."""
+        cells = np.asarray(cells, dtype=np.int64).reshape(-1, 2).tolist()
+        out, k = [], 0
+        for seg in self.segments:
+            if seg is None:
+                out.append(str(cells[k // 2][k % 2]))
+                k += 1
+            else:
+                out.append(seg)
+        return "".join(out)
+
+
+class HumobAnswerLogitsProcessor(LogitsProcessor):
+    """A `LogitsProcessor` for greedy `generate` that keeps each row on its [`AnswerGrammar`].
+
+    Rows are the rows of the batch passed to `generate` (left-padded prompts); `asked[i]` is row i's asked slots.
+    At each step every unfinished row keeps exactly one token: the first of its `top_k` highest-scoring tokens whose
+    text keeps the answer on the grammar, else the best-scoring such token of the whole vocabulary restricted to the
+    answer's characters (computed once per tokenizer), and the best-scoring end-of-sequence id once the answer is
+    complete. All other scores become `-inf`, so greedy search picks that token. Finished rows are left alone
+    (`generate` pads them).
+
+    Attributes:
+        overrides (`np.ndarray`): per row, the steps where the model's own top token was replaced (it left the
+            grammar); the rest of its tokens are its own choices.
+        complete (`np.ndarray`): per row, whether the answer reached its end.
+
+    Args:
+        tokenizer: the model's tokenizer (token texts come from `tokenizer.decode([id])`).
+        asked (`Sequence`): per row, an `(m, 2)` array of its asked (d, t).
+        cell_range (`tuple[int, int]`): `(lo, hi)`, the valid cell numbers.
+        eos_token_id (`int` or `Sequence[int]`): the end-of-sequence id(s).
+        top_k (`int`, *optional*, defaults to 32): candidates read per row before falling back to the vocabulary.
+    """
+
+    def __init__(self, tokenizer, asked: Sequence[Any], cell_range: tuple[int, int], eos_token_id, top_k: int = 32):
+        eos = [int(eos_token_id)] if isinstance(eos_token_id, (int, np.integer)) else [int(e) for e in eos_token_id]
+        if not eos:
+            raise ValueError("eos_token_id must name at least one token")
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        self.tokenizer = tokenizer
+        self.grammars = [AnswerGrammar(a, *cell_range) for a in asked]
+        self.eos = eos
+        self.top_k = int(top_k)
+        self.states: list[tuple[int, int, str] | None] = [g.start for g in self.grammars]
+        self.overrides = np.zeros(len(self.grammars), dtype=np.int64)
+        self.complete = np.zeros(len(self.grammars), dtype=bool)
+        self._finished = np.zeros(len(self.grammars), dtype=bool)
+        self._chosen: np.ndarray | None = None
+        self._texts: dict[int, str] = {}
+        self._alphabet_ids: np.ndarray | None = None
+
+    def _text(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            self._texts[token_id] = text
+        return text
+
+    def _alphabet(self) -> np.ndarray:
+        """Ids of the tokens whose whole text is made of the answer's characters (the fallback candidates)."""
+        if self._alphabet_ids is None:
+            size = len(self.tokenizer)
+            texts = self.tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=False,
+                                                clean_up_tokenization_spaces=False)
+            keep = [i for i, t in enumerate(texts) if t and set(t) <= _ALPHABET]
+            self._texts.update({i: texts[i] for i in keep})
+            self._alphabet_ids = np.asarray(keep, dtype=np.int64)
+        return self._alphabet_ids
+
+    def _choose(self, row: int, state, top_ids: np.ndarray, row_scores) -> int:
+        grammar = self.grammars[row]
+        if grammar.is_complete(state):
+            eos = self.eos
+            return eos[int(np.argmax(row_scores[eos].float().cpu().numpy()))] if len(eos) > 1 else eos[0]
+        for rank, tid in enumerate(top_ids.tolist()):
+            if tid in self.eos:
+                continue
+            text = self._text(tid)  # an empty text (some special tokens) would not move the answer on: never taken
+            if text and grammar.advance(state, text) is not None:
+                if rank:
+                    self.overrides[row] += 1
+                return tid
+        ids = self._alphabet()
+        valid = [i for i in ids.tolist() if grammar.advance(state, self._texts[i]) is not None]
+        if not valid:
+            raise RuntimeError(f"no token of the vocabulary continues the answer of row {row} (state {state}); the "
+                               "tokenizer cannot write the digits and brackets of the answer one piece at a time")
+        self.overrides[row] += 1
+        valid_ids = np.asarray(valid, dtype=np.int64)
+        best = int(np.argmax(row_scores[valid_ids].float().cpu().numpy()))
+        return int(valid_ids[best])
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        rows = scores.shape[0]
+        if rows != len(self.grammars):
+            raise ValueError(f"the batch has {rows} rows but the processor was built for {len(self.grammars)} "
+                             "(one asked-slot list per row; beam search and num_return_sequences > 1 are not "
+                             "supported)")
+        if self._chosen is not None:  # advance every row by the token it was given at the previous step
+            last = input_ids[:, -1].cpu().numpy()
+            for row in range(rows):
+                if self._finished[row]:
+                    continue
+                tid = int(last[row])
+                if tid in self.eos:
+                    self._finished[row] = True
+                    continue
+                state = self.grammars[row].advance(self.states[row], self._text(tid))
+                if state is None:  # generate did not take the forced token (e.g. a custom pad): stop constraining
+                    self._finished[row] = True
+                    continue
+                self.states[row] = state
+                self.complete[row] = self.grammars[row].is_complete(state)
+        k = min(self.top_k, scores.shape[-1])
+        top = torch.topk(scores, k, dim=-1).indices.cpu().numpy()
+        chosen = np.full(rows, -1, dtype=np.int64)
+        for row in range(rows):
+            if not self._finished[row]:
+                chosen[row] = self._choose(row, self.states[row], top[row], scores[row])
+        self._chosen = chosen
+        active = np.flatnonzero(chosen >= 0)
+        if len(active) == 0:
+            return scores
+        out = scores.clone()
+        index = torch.as_tensor(active, device=scores.device)
+        out[index] = float("-inf")
+        out[index, torch.as_tensor(chosen[active], device=scores.device)] = 0.0
+        return out
