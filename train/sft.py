@@ -22,7 +22,8 @@ is no distributed code here. Two set-ups:
 
 - `base_model: tiny-llama` builds a tiny `LlamaConfig` in code (hidden 128, 4 layers) and trains every parameter from
   scratch; its tokenizer is a byte-level BPE trained on the instruction corpus, extended with the code tokens.
-- any other `base_model` (a folder or a Hub id) is fine-tuned with LoRA on q/k/v/o/gate/up/down; its tokenizer is
+- any other `base_model` (a local folder, an offline alias such as `smollm2-135m-instruct`, or a Hub id; see
+  `train.pretrained.resolve_model`) is fine-tuned with LoRA on q/k/v/o/gate/up/down; its tokenizer is
   extended with the code tokens, the embeddings are untied and resized (`mean_resizing`), the new input rows train
   through `trainable_token_indices` and the whole `lm_head` through `modules_to_save`. The resized base is saved
   before the adapter is attached (`RUN/base_model/`) so the adapter always reloads onto the same weights.
@@ -50,6 +51,7 @@ from typing import Any
 import yaml
 
 from .evaluate import write_json_atomic, write_text_atomic
+from .pretrained import resolve_model
 from .recipe import coerce_fields, read_recipe
 
 __all__ = [
@@ -96,7 +98,8 @@ class SFTRecipe:
             it in `tokenizer/`); gives the location -> code table. Defaults to the tokenizer the instruction dataset
             was written with (`INSTRUCTIONS/location_tokenizer/`, semantic codes or plain IDs).
         base_model (`str`, *optional*, defaults to `"tiny-llama"`):
-            `"tiny-llama"` for a tiny Llama built in code and trained from scratch, else a model folder or Hub id.
+            `"tiny-llama"` for a tiny Llama built in code and trained from scratch, else a local model folder, an
+            offline alias (`smollm2-135m-instruct`, prepared on first use) or a Hub id, resolved in that order.
         base_tokenizer (`str`, *optional*):
             Tokenizer extended with the code tokens. `None`: a byte-level BPE trained on the instruction corpus
             (tiny-llama) or the base model's tokenizer.
@@ -346,7 +349,7 @@ def _build_chat_tokenizer(recipe: SFTRecipe, train_dataset):
 
     if recipe.base_tokenizer or not recipe.is_tiny:
         name = recipe.base_tokenizer or recipe.base_model
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=recipe.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=recipe.trust_remote_code)
         if tokenizer.chat_template is None:
             raise ValueError(f"the tokenizer of {name} has no chat template; the {HUMOB_TASK} rows are chat messages "
                              "(use an instruct model or set `base_tokenizer` to one with a template)")
@@ -387,7 +390,8 @@ def _build_tokenizer(recipe: SFTRecipe, train_dataset):
                 "`location_tokenizer` unset to use those"
             )
     if recipe.base_tokenizer:
-        base = AutoTokenizer.from_pretrained(recipe.base_tokenizer, trust_remote_code=recipe.trust_remote_code)
+        base = AutoTokenizer.from_pretrained(resolve_model(recipe.base_tokenizer),
+                                             trust_remote_code=recipe.trust_remote_code)
     elif recipe.is_tiny:
         # code tokens are added tokens (matched before BPE), so they are kept out of the BPE training corpus
         def corpus():
@@ -397,7 +401,8 @@ def _build_tokenizer(recipe: SFTRecipe, train_dataset):
 
         base = build_bpe_tokenizer(corpus(), vocab_size=recipe.bpe_vocab_size)
     else:
-        base = AutoTokenizer.from_pretrained(recipe.base_model, trust_remote_code=recipe.trust_remote_code)
+        base = AutoTokenizer.from_pretrained(resolve_model(recipe.base_model),
+                                             trust_remote_code=recipe.trust_remote_code)
     tokenizer = LocationTokenizer.from_base(base, dict(codes.location_codes), codebook_size=codes.codebook_size,
                                             level_prefixes=codes.level_prefixes)
     if tokenizer.pad_token is None:
@@ -451,7 +456,7 @@ def _pretrained_base(recipe: SFTRecipe, tokenizer):
 
     dtype = "auto" if recipe.model_dtype == "auto" else getattr(torch, recipe.model_dtype)
     model = AutoModelForCausalLM.from_pretrained(
-        recipe.base_model, dtype=dtype, trust_remote_code=recipe.trust_remote_code
+        resolve_model(recipe.base_model), dtype=dtype, trust_remote_code=recipe.trust_remote_code
     )
     if _untie_embeddings(model):
         logger.info("untied the input and output embeddings of %s", recipe.base_model)

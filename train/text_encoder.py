@@ -130,35 +130,20 @@ def default_cache_dir() -> Path:
     return Path(home).expanduser() / "embeddings"
 
 
-def _looks_like_path(name: str) -> bool:
-    return (
-        os.path.isabs(name)
-        or name.startswith((".", "~"))
-        or "\\" in name
-        or name.count("/") > 1
-        or os.path.exists(os.path.expanduser(name))
-    )
-
-
 def _resolve_model(model_name_or_path: str | os.PathLike | None) -> tuple[str, bool]:
-    """(what to pass to ``from_pretrained``, whether it is a local folder)."""
+    """(what to pass to ``from_pretrained``, whether it is a local folder): ``None`` is the default MiniLM; anything
+    else goes through :func:`train.pretrained.resolve_model` (a local folder, an offline alias, or a Hub id)."""
+    from .pretrained import resolve_model
+
     if model_name_or_path is None:
         return default_encoder_path(), True
     if not isinstance(model_name_or_path, (str, os.PathLike)) or not str(model_name_or_path).strip():
         raise ValueError(
-            "model_name_or_path must be a local folder, a Hub id or None (the default MiniLM), got"
+            "model_name_or_path must be a local folder, an alias, a Hub id or None (the default MiniLM), got"
             f" {model_name_or_path!r}"
         )
-    name = os.fspath(model_name_or_path)
-    if isinstance(model_name_or_path, os.PathLike) or _looks_like_path(name):
-        path = Path(name).expanduser()
-        if not path.is_dir():
-            what = "is not a directory" if path.exists() else "does not exist"
-            raise OSError(f"model_name_or_path {name!r} {what}; pass a model folder (with config.json) or a Hub id")
-        if not (path / "config.json").is_file():
-            raise OSError(f"model_name_or_path {name!r} has no config.json; it is not a transformers model folder")
-        return str(path.resolve()), True
-    return name, False
+    source = resolve_model(model_name_or_path)
+    return source, os.path.isdir(source)
 
 
 def _model_identity(source: str, local: bool, max_length: int, dtype: str) -> dict[str, Any]:
