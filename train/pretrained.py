@@ -302,6 +302,9 @@ def prepare_model(
                   "source_file": source.name, "source_sha256": sha256, "seconds": round(seconds, 2),
                   "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        for file in tmp.rglob("*"):  # safetensors writes 0600 files; a model folder is readable like any other
+            if file.is_file():
+                file.chmod(0o644)
         bar.update(bar.total - bar.n)
         old = None
         if folder.exists():  # `force`, or an empty folder: move it aside, swap, then delete it
