@@ -132,3 +132,25 @@ def test_staged_for_the_hub_with_its_own_card(trained, tmp_path):
     assert (staged["model"] / "model.safetensors").is_file() and (staged["model"] / "tokenizer.json").is_file()
     assert not (staged["model"] / "rqvae").exists()
     assert (staged["instructions"] / "README.md").is_file()
+
+
+@pytest.mark.slow
+def test_smollm_recipe_trains_lora_on_the_offline_alias_and_predicts(trained, offline_home, monkeypatch, tmp_path):
+    """llamamob_smollm.yaml end to end for one step: the alias resolves to the prepared SmolLM2, LoRA trains on the
+    7 projections, the merged run folder predicts with SmolLM2's own chat template and constrained decoding."""
+    monkeypatch.setenv("HF_MOBILITY_HOME", str(offline_home))
+    recipe = load_recipe("train/recipes/llamamob_smollm.yaml")
+    assert recipe.use_peft and recipe.lora_r == 16 and recipe.lora_alpha == 16 and len(recipe.lora_target_modules) == 7
+    run = tmp_path / "smollm"
+    assert main(["-q", "train", "sft", "--config", "train/recipes/llamamob_smollm.yaml", "--instructions",
+                 str(trained / "qa"), "--output_dir", str(run), "--max_steps", "1", "--per_device_train_batch_size",
+                 "1", "--eval_samples", "0", "--max_train_samples", "1"]) == 0
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["method"] == "llamamob-sft" and info["base_model"] == "smollm2-135m-instruct"
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert config["hidden_size"] == 576 and config["num_hidden_layers"] == 30  # SmolLM2, not the tiny demo Llama
+    out = tmp_path / "pred.csv"
+    assert main(["-q", "predict", str(run), "--data", str(trained / "data"), "--out", str(out), "--max-users", "1"]) == 0
+    report = json.loads((run / "prediction_report_test.json").read_text())
+    assert report["decoding"] == "constrained" and report["answered"] == report["asked_slots"] > 0
+    assert report["filled"] == 0 and report["stopped_at_limit"] == 0
