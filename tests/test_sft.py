@@ -271,3 +271,10 @@ def test_location_codes_come_from_the_instructions_folder(toy, tmp_path):
         run_sft(_recipe(toy, tmp_path / "run2", instructions=str(tmp_path / "instr"), max_steps=2))
     with pytest.raises(ValueError, match="holds no location_tokenizer/"):
         run_sft(_recipe(toy, tmp_path / "run3", location_tokenizer=None, max_steps=2))
+
+
+def test_qtmob_smollm_recipe_is_lora_with_code_tokens_on_the_offline_alias():
+    recipe = load_recipe("train/recipes/qtmob_smollm.yaml")
+    assert recipe.base_model == "smollm2-135m-instruct" and recipe.use_peft and not recipe.is_tiny
+    assert recipe.tasks == ["next", "recovery", "alignment"] and recipe.completion_only_loss and recipe.bf16
+    assert len(recipe.lora_target_modules) == 7 and recipe.max_steps > 0
