@@ -349,6 +349,10 @@ def _llamamob_lines(result: dict, out: Path) -> list[str]:
         lines += [f"{name} {verdict} slot-mode on GEO-BLEU (N=5) by {abs(diff):.4f} ({model['geobleu@5']:.4f} vs "
                   f"{base['geobleu@5']:.4f}); DTW {model['dtw']:.2f} vs {base['dtw']:.2f} (lower is better).{share}",
                   ""]
+        if diff <= 0:
+            lines += ["A model trained from scratch in minutes learns the answer format, not to read the history; a "
+                      "pretrained base does better: `train/recipes/llamamob_smollm.yaml` (LoRA on the offline "
+                      "SmolLM2-135M-Instruct; its header has measured numbers).", ""]
     if pred.get("decoding") == "constrained" and pred.get("asked_slots"):
         lines += [f"Constrained decoding: {pred.get('answered', 0):,} of {pred['asked_slots']:,} asked slots answered "
                   f"by the model; at {pred.get('grammar_overrides', 0):,} of {pred.get('tokens_generated', 0):,} "
