@@ -542,8 +542,9 @@ def _generate(
     if n and budgets.min() < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {int(budgets.min())}")
     if asked is not None:
-        from .humob_grammar import HumobAnswerLogitsProcessor
+        from .humob_grammar import HumobAnswerLogitsProcessor, TokenTexts
 
+        token_texts = TokenTexts(tokenizer)  # one cache for every batch
         asked = list(asked)
         if len(asked) != n:
             raise ValueError(f"asked has {len(asked)} entries for {n} prompts: give the asked slots of every prompt")
@@ -584,7 +585,8 @@ def _generate(
                 limit = int(budgets[idx].max())
                 processors = None
                 if asked is not None:
-                    grammar = HumobAnswerLogitsProcessor(tokenizer, [asked[i] for i in idx], cell_range, eos)
+                    grammar = HumobAnswerLogitsProcessor(tokenizer, [asked[i] for i in idx], cell_range, eos,
+                                                         token_texts=token_texts)
                     processors = LogitsProcessorList([grammar])
                 out = model.generate(
                     input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=limit,

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from transformers import LogitsProcessor
 
-__all__ = ["AnswerGrammar", "HumobAnswerLogitsProcessor"]
+__all__ = ["AnswerGrammar", "HumobAnswerLogitsProcessor", "TokenTexts"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +139,35 @@ class AnswerGrammar:
         return "".join(out)
 
 
+class TokenTexts:
+    """The text of each token id of a tokenizer (`tokenizer.decode([id])`), computed on demand and kept, plus the ids
+    of the tokens made only of the answer's characters (decoded once for the whole vocabulary, on first need). One
+    instance serves every batch of a prediction run."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+        self._alphabet_ids: np.ndarray | None = None
+
+    def text(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            self._texts[token_id] = text
+        return text
+
+    def alphabet(self) -> np.ndarray:
+        """Ids of the tokens whose whole text is made of the answer's characters (the fallback candidates)."""
+        if self._alphabet_ids is None:
+            size = len(self.tokenizer)
+            texts = self.tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=False,
+                                                clean_up_tokenization_spaces=False)
+            keep = [i for i, t in enumerate(texts) if t and set(t) <= _ALPHABET]
+            self._texts.update({i: texts[i] for i in keep})
+            self._alphabet_ids = np.asarray(keep, dtype=np.int64)
+        return self._alphabet_ids
+
+
 class HumobAnswerLogitsProcessor(LogitsProcessor):
     """A `LogitsProcessor` for greedy `generate` that keeps each row on its [`AnswerGrammar`].
 
@@ -152,7 +181,6 @@ class HumobAnswerLogitsProcessor(LogitsProcessor):
     Attributes:
         overrides (`np.ndarray`): per row, the steps where the model's own top token was replaced (it left the
             grammar); the rest of its tokens are its own choices.
-        complete (`np.ndarray`): per row, whether the answer reached its end.
 
     Args:
         tokenizer: the model's tokenizer (token texts come from `tokenizer.decode([id])`).
@@ -160,43 +188,25 @@ class HumobAnswerLogitsProcessor(LogitsProcessor):
         cell_range (`tuple[int, int]`): `(lo, hi)`, the valid cell numbers.
         eos_token_id (`int` or `Sequence[int]`): the end-of-sequence id(s).
         top_k (`int`, *optional*, defaults to 32): candidates read per row before falling back to the vocabulary.
+        token_texts ([`TokenTexts`], *optional*): a token-text cache of the same tokenizer to share between the
+            processors of several batches (the vocabulary is then decoded once per run, not once per batch).
     """
 
-    def __init__(self, tokenizer, asked: Sequence[Any], cell_range: tuple[int, int], eos_token_id, top_k: int = 32):
+    def __init__(self, tokenizer, asked: Sequence[Any], cell_range: tuple[int, int], eos_token_id, top_k: int = 32,
+                 token_texts: TokenTexts | None = None):
         eos = [int(eos_token_id)] if isinstance(eos_token_id, (int, np.integer)) else [int(e) for e in eos_token_id]
         if not eos:
             raise ValueError("eos_token_id must name at least one token")
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-        self.tokenizer = tokenizer
+        self.texts = token_texts if token_texts is not None else TokenTexts(tokenizer)
         self.grammars = [AnswerGrammar(a, *cell_range) for a in asked]
         self.eos = eos
         self.top_k = int(top_k)
         self.states: list[tuple[int, int, str] | None] = [g.start for g in self.grammars]
         self.overrides = np.zeros(len(self.grammars), dtype=np.int64)
-        self.complete = np.zeros(len(self.grammars), dtype=bool)
         self._finished = np.zeros(len(self.grammars), dtype=bool)
-        self._chosen: np.ndarray | None = None
-        self._texts: dict[int, str] = {}
-        self._alphabet_ids: np.ndarray | None = None
-
-    def _text(self, token_id: int) -> str:
-        text = self._texts.get(token_id)
-        if text is None:
-            text = self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            self._texts[token_id] = text
-        return text
-
-    def _alphabet(self) -> np.ndarray:
-        """Ids of the tokens whose whole text is made of the answer's characters (the fallback candidates)."""
-        if self._alphabet_ids is None:
-            size = len(self.tokenizer)
-            texts = self.tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=False,
-                                                clean_up_tokenization_spaces=False)
-            keep = [i for i, t in enumerate(texts) if t and set(t) <= _ALPHABET]
-            self._texts.update({i: texts[i] for i in keep})
-            self._alphabet_ids = np.asarray(keep, dtype=np.int64)
-        return self._alphabet_ids
+        self._started = False
 
     def _choose(self, row: int, state, top_ids: np.ndarray, row_scores) -> int:
         grammar = self.grammars[row]
@@ -206,13 +216,13 @@ class HumobAnswerLogitsProcessor(LogitsProcessor):
         for rank, tid in enumerate(top_ids.tolist()):
             if tid in self.eos:
                 continue
-            text = self._text(tid)  # an empty text (some special tokens) would not move the answer on: never taken
+            text = self.texts.text(tid)  # an empty text (some special tokens) would not move the answer on: never taken
             if text and grammar.advance(state, text) is not None:
                 if rank:
                     self.overrides[row] += 1
                 return tid
-        ids = self._alphabet()
-        valid = [i for i in ids.tolist() if grammar.advance(state, self._texts[i]) is not None]
+        ids = self.texts.alphabet()
+        valid = [i for i in ids.tolist() if grammar.advance(state, self.texts.text(i)) is not None]
         if not valid:
             raise RuntimeError(f"no token of the vocabulary continues the answer of row {row} (state {state}); the "
                                "tokenizer cannot write the digits and brackets of the answer one piece at a time")
@@ -229,7 +239,7 @@ class HumobAnswerLogitsProcessor(LogitsProcessor):
             raise ValueError(f"the batch has {rows} rows but the processor was built for {len(self.grammars)} "
                              "(one asked-slot list per row; beam search and num_return_sequences > 1 are not "
                              "supported)")
-        if self._chosen is not None:  # advance every row by the token it was given at the previous step
+        if self._started:  # advance every row by the token it was given at the previous step
             last = input_ids[:, -1].cpu().numpy()
             for row in range(rows):
                 if self._finished[row]:
@@ -238,19 +248,18 @@ class HumobAnswerLogitsProcessor(LogitsProcessor):
                 if tid in self.eos:
                     self._finished[row] = True
                     continue
-                state = self.grammars[row].advance(self.states[row], self._text(tid))
+                state = self.grammars[row].advance(self.states[row], self.texts.text(tid))
                 if state is None:  # generate did not take the forced token (e.g. a custom pad): stop constraining
                     self._finished[row] = True
                     continue
                 self.states[row] = state
-                self.complete[row] = self.grammars[row].is_complete(state)
         k = min(self.top_k, scores.shape[-1])
         top = torch.topk(scores, k, dim=-1).indices.cpu().numpy()
         chosen = np.full(rows, -1, dtype=np.int64)
         for row in range(rows):
             if not self._finished[row]:
                 chosen[row] = self._choose(row, self.states[row], top[row], scores[row])
-        self._chosen = chosen
+        self._started = True
         active = np.flatnonzero(chosen >= 0)
         if len(active) == 0:
             return scores
