@@ -3,6 +3,8 @@
 from . import auto
 from .calliper import CaLLiPerConfig, CaLLiPerModel
 from .mhsa import MHSAConfig, MHSAForNextLocation
+from .nextlocmoe import NextLocMoEConfig, NextLocMoEForNextLocation
 from .rqvae import RQVAEConfig, RQVAEModel
 
-__all__ = ["CaLLiPerConfig", "CaLLiPerModel", "MHSAConfig", "MHSAForNextLocation", "RQVAEConfig", "RQVAEModel", "auto"]
+__all__ = ["CaLLiPerConfig", "CaLLiPerModel", "MHSAConfig", "MHSAForNextLocation", "NextLocMoEConfig",
+           "NextLocMoEForNextLocation", "RQVAEConfig", "RQVAEModel", "auto"]

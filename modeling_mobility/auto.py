@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModel
 
 from .calliper import CaLLiPerConfig, CaLLiPerModel
 from .mhsa import MHSAConfig, MHSAForNextLocation
+from .nextlocmoe import NextLocMoEConfig, NextLocMoEForNextLocation
 from .rqvae import RQVAEConfig, RQVAEModel
 
 __all__ = ["register_auto_classes"]
@@ -18,7 +19,12 @@ __all__ = ["register_auto_classes"]
 
 def register_auto_classes() -> None:
     """Register every model of the library with `AutoConfig`/`AutoModel` (idempotent)."""
-    pairs = ((RQVAEConfig, RQVAEModel), (CaLLiPerConfig, CaLLiPerModel), (MHSAConfig, MHSAForNextLocation))
+    pairs = (
+        (RQVAEConfig, RQVAEModel),
+        (CaLLiPerConfig, CaLLiPerModel),
+        (MHSAConfig, MHSAForNextLocation),
+        (NextLocMoEConfig, NextLocMoEForNextLocation),
+    )
     for config_class, model_class in pairs:
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModel.register(config_class, model_class, exist_ok=True)

@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         "mhsa": ("MHSA next-location predictor on learned location IDs or a frozen CaLLiPer encoder, from a YAML "
                  "recipe", "--data DIR --output-dir OUT --location-encoder id|CALLIPER [--config RECIPE.yaml] "
                  "[--key value ...]"),
+        "nextlocmoe": ("NextLocMoE: an LLM backbone with a location-semantics and a personalised mixture of experts, "
+                       "from a YAML recipe", "--data DIR --output-dir OUT [--config RECIPE.yaml] [--key value ...]"),
     }
     for name, (summary, usage) in recipe_commands.items():
         cmd = train_sub.add_parser(
@@ -467,6 +469,12 @@ def _train_mhsa(args) -> None:
     mhsa_main(args.recipe_args)
 
 
+def _train_nextlocmoe(args) -> None:
+    from .nextlocmoe import main as nextlocmoe_main
+
+    nextlocmoe_main(args.recipe_args)
+
+
 def _run_method(run_dir: Path) -> str | None:
     """The `method` of a run folder's run_info.json; a CaLLiPer run (an encoder, not a predictor) is refused."""
     import json
@@ -508,6 +516,20 @@ def _evaluate(args) -> None:
         report = evaluate_mhsa(args.run_dir, args.data, split=args.split)
         print(f"{args.run_dir} beside the baselines on {args.data} ({args.split} split, every location ranked):\n")
         print(format_results_table(report))
+        if args.out is not None:
+            write_json_atomic(report, args.out)
+        print(f"\nwrote {args.out or args.run_dir / 'metrics.json'}")
+        return
+    if method == "nextlocmoe":
+        from .nextlocmoe import evaluate_nextlocmoe
+
+        report = evaluate_nextlocmoe(args.run_dir, args.data, split=args.split, max_samples=args.max_samples,
+                                     progress=not args.quiet)
+        print(f"{args.run_dir} beside the baselines on {args.data} ({args.split} split, every location ranked by "
+              "distance from the predicted point):\n")
+        print(format_results_table(report))
+        res = next(iter(report["results"].values()))
+        print(f"\nmean distance to the target {res['distance_m']:,.0f} m (median {res['median_distance_m']:,.0f} m)")
         if args.out is not None:
             write_json_atomic(report, args.out)
         print(f"\nwrote {args.out or args.run_dir / 'metrics.json'}")
@@ -586,7 +608,7 @@ def _demo(args) -> None:
     print(f"\nreport: {report}")
 
 
-RECIPE_COMMANDS = ("sft", "calliper", "mhsa")
+RECIPE_COMMANDS = ("sft", "calliper", "mhsa", "nextlocmoe")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -612,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             handlers[args.data_command](args)
         elif args.command == "train":
             {"location-tokenizer": _train_location_tokenizer, "sft": _train_sft, "calliper": _train_calliper,
-             "mhsa": _train_mhsa}[args.train_command](args)
+             "mhsa": _train_mhsa, "nextlocmoe": _train_nextlocmoe}[args.train_command](args)
         elif args.command == "evaluate":
             _evaluate(args)
         elif args.command == "predict":
