@@ -7,7 +7,9 @@ Defaults follow the mie-lab protocol used by CaLLiPer and LLM-Mob:
 - a sample = (user, the visits of the previous 7 days before the target, the target visit); empty histories are dropped
   and counted;
 - optional inductive hold-out of a fraction of the training locations (seedable): train/validation lose every sample
-  that touches one, the test set keeps only samples that do.
+  that touches one, the test set keeps only samples that do;
+- an optional user table (``loaded.users``, e.g. the synthetic city's archetypes) is cut to the users that survive the
+  filters and carried along as ``users``; it is descriptive only (for reports) and no model or baseline reads it.
 
 For grids (HuMob), each user's days are split into input days and target days (``predict_days``), and users into
 train/validation/test by seeded fractions; users whose target cells are all hidden (``999``) form the ``hidden`` split.
@@ -100,13 +102,19 @@ class CheckinPreprocessConfig:
 
 @dataclass
 class PreparedCheckins:
-    """The output of :func:`prepare_checkins`: Arrow tables per split plus the location table and the account."""
+    """The output of :func:`prepare_checkins`: Arrow tables per split plus the location table and the account.
+
+    ``users`` is the optional user table (``user_id`` plus the source's columns, e.g. ``archetype``), one row per user
+    of the prepared check-ins that has one, sorted by ``user_id``; ``None`` when the source has no user table.
+    Published as the ``users`` config (split ``train``); no model or baseline reads it.
+    """
 
     samples: dict[str, pa.Table]
     checkins: dict[str, pa.Table]
     locations: pa.Table
     account: RowAccount
     metadata: dict[str, Any] = field(default_factory=dict)
+    users: pa.Table | None = None
 
     kind = "checkins"
 
@@ -166,6 +174,10 @@ def prepare_checkins(loaded: LoadedCheckins, config: CheckinPreprocessConfig | N
     Sample rows: ``sample_id``, ``user_id``, ``history_location_ids``, ``history_timestamps``,
     ``history_tz_offset_min``, ``target_location_id``, ``target_timestamp``, ``target_tz_offset_min``,
     ``target_seen`` (false when the target was held out by the inductive split).
+
+    When ``loaded.users`` is set, its rows of users that the filters removed are dropped and counted (step ``users
+    table``, reason ``user_filtered_out``; users of the prepared check-ins without a row are counted in its notes),
+    and the rest become :attr:`PreparedCheckins.users`.
     """
     cfg = config or CheckinPreprocessConfig()
     account = RowAccount(list(loaded.account.steps))
@@ -294,6 +306,25 @@ def prepare_checkins(loaded: LoadedCheckins, config: CheckinPreprocessConfig | N
         account.add("inductive: remove held-out check-ins from train/validation", n, n - removed,
                     {"inductive_heldout_checkin": removed})
 
+    users = None
+    if loaded.users is not None:
+        table = loaded.users
+        if "user_id" not in table.columns:
+            raise ValueError(f"the user table has no user_id column; it has {list(table.columns)}")
+        repeated = table["user_id"][table["user_id"].duplicated()]
+        if len(repeated):
+            raise ValueError(f"the user table repeats user ids, e.g. {repeated.head(3).tolist()}; expected one row each")
+        keep = table["user_id"].astype("string").isin(pd.Index(user_ids)).to_numpy()
+        kept_users = table.loc[keep].sort_values("user_id", kind="stable")
+        account.add(
+            "users table: users of the prepared check-ins",
+            len(table),
+            int(keep.sum()),
+            {"user_filtered_out": int((~keep).sum())},
+            {"prepared_users_without_row": int(len(user_ids) - keep.sum())},
+        )
+        users = _arrow(kept_users)
+
     metadata = dict(loaded.metadata)
     metadata.update(
         preprocess=asdict(cfg),
@@ -309,6 +340,7 @@ def prepare_checkins(loaded: LoadedCheckins, config: CheckinPreprocessConfig | N
         locations=_arrow(locations),
         account=account,
         metadata=metadata,
+        users=users,
     )
 
 

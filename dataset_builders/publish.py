@@ -158,6 +158,14 @@ def _card(prepared: PreparedCheckins | PreparedGrid, title: str) -> str:
             "- `samples`: next-location samples (`load_dataset(path, 'samples')`).",
             "- `checkins`: the canonical check-ins after filtering, split by day.",
             "- `locations`: one row per location (coordinates, category, name when known, `heldout`).",
+        ]
+        if prepared.users is not None:
+            lines.append(
+                f"- `users`: one row per user from the source's user table ({prepared.users.num_rows:,} users; columns "
+                + ", ".join(f"`{c}`" for c in prepared.users.column_names)
+                + "). Descriptive only, for reports: no model or baseline reads it."
+            )
+        lines += [
             "",
             _stats_table(prepared.samples, "samples"),
         ]
@@ -193,6 +201,8 @@ def write_prepared(
             "checkins": prepared.checkins,
             "locations": {"train": prepared.locations},
         }
+        if prepared.users is not None:
+            configs["users"] = {"train": prepared.users}  # descriptive only: no model or baseline reads it
     else:
         configs = {"samples": prepared.samples, "grid": prepared.grid}
     title = title or f"hf-mobility {prepared.kind} dataset"

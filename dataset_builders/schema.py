@@ -1,6 +1,6 @@
 """Canonical tables of hf-mobility, their validation, and the row account every load and preprocessing step keeps.
 
-Three tables (DESIGN §3.1):
+Three tables (DESIGN §3.1), plus an optional fourth:
 
 - **checkins**: ``user_id: string``, ``location_id: string``, ``timestamp: int64`` (seconds; UTC epoch, or seconds since
   the dataset's day 0 when the source only has relative days), ``tz_offset_min: int16``, ``latitude: float64``,
@@ -9,6 +9,8 @@ Three tables (DESIGN §3.1):
   (all optional but the coordinates), free extra columns kept.
 - **grid** (HuMob / YJMob100K): ``uid: int64``, ``d: int16``, ``t: int8`` (0..47 half-hour slot), ``x, y: int16``
   (``999`` marks a hidden cell).
+- **users** (optional): ``user_id: string`` (unique, one of the check-ins' user ids) plus free columns, e.g. the
+  synthetic city's ``archetype``. Descriptive only: reports group results by it; no model or baseline reads it.
 
 Bad rows are either dropped with a counted reason or stop the load with a :class:`DataValidationError` that names file,
 line, column, value and what was expected; the caller picks with ``on_error="drop"|"raise"``.
@@ -29,6 +31,7 @@ __all__ = [
     "GRID_COLUMNS",
     "HIDDEN_CELL",
     "LOCATION_COLUMNS",
+    "USER_COLUMNS",
     "DataValidationError",
     "OnError",
     "RowAccount",
@@ -36,6 +39,7 @@ __all__ = [
     "validate_checkins",
     "validate_grid",
     "validate_locations",
+    "validate_users",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,6 +62,7 @@ LOCATION_COLUMNS = {
     "name": "string",
     "address": "string",
 }
+USER_COLUMNS = {"user_id": "string"}
 GRID_COLUMNS = {"uid": "int64", "d": "int16", "t": "int8", "x": "int16", "y": "int16"}
 HIDDEN_CELL = 999
 
@@ -320,6 +325,19 @@ def validate_locations(
         if col in df.columns:
             v = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
             rules.append((f"{col}_out_of_range", col, ~np.isnan(v) & ((v < lo) | (v > hi)), f"{col} in [{lo}, {hi}]"))
+    return _apply_rules(df, rules, on_error=on_error, file=file, lines=lines)
+
+
+def validate_users(
+    df: pd.DataFrame, *, on_error: OnError = "raise", file: str | None = None, lines: np.ndarray | None = None
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Check a user table: a ``user_id`` column with a non-empty id in every row (other columns are free)."""
+    if "user_id" not in df.columns:
+        raise DataValidationError(
+            f"{file or '<data>'}: missing column 'user_id'; have {list(df.columns)}", file=file, column="user_id"
+        )
+    missing = df["user_id"].isna().to_numpy() | (df["user_id"].astype("string").str.len() == 0).fillna(True).to_numpy()
+    rules = [("missing_user_id", "user_id", missing, "a non-empty user id")]
     return _apply_rules(df, rules, on_error=on_error, file=file, lines=lines)
 
 

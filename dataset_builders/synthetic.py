@@ -3,10 +3,12 @@
 Two generators, both deterministic (same arguments and seed give the same frames and the same bytes on disk):
 
 - :func:`synthesize_checkins` makes a Foursquare-like check-in city: neighbourhoods of distinct land use, POIs with
-  names and categories from a Foursquare-like hierarchy (``"Food > Coffee Shop"``), and users with a home, a work or
-  school anchor, favourite places and a weekly routine, who move by exploration and preferential return (EPR, Song et
-  al. 2010) with distance decay. :meth:`SyntheticCheckins.write_tsmc` writes it in the TSMC2014 format plus a POI
-  table.
+  names and categories from a Foursquare-like hierarchy (``"Food > Coffee Shop"``), and users of distinct archetypes
+  (:data:`ARCHETYPES`: office workers, students, night-shift workers, visitors, remote and service workers), each with
+  a home, an anchor (workplace or school; none for visitors), favourite places and the weekly routine of its
+  archetype, who move by exploration and preferential return (EPR, Song et al. 2010) with distance decay.
+  :meth:`SyntheticCheckins.write_tsmc` writes it in the TSMC2014 format plus a POI table and a ``users.csv`` (each
+  user's archetype: ground truth for reports, read by no model).
 - :func:`synthesize_grid` makes a HuMob / YJMob100K-style grid city (``uid, d, t, x, y``; 48 half-hour slots, cells
   1..``grid_size``) from the same ideas: homes, workplaces, commutes, lunch, evening and weekend outings with EPR, and
   sparse observation. :func:`write_yjmob` writes it as CSV.
@@ -24,6 +26,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +34,9 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
+    "ARCHETYPES",
     "CATEGORY_HIERARCHY",
+    "DEFAULT_ARCHETYPE_MIX",
     "LAND_USE_COLOURS",
     "LAND_USES",
     "SyntheticCheckins",
@@ -112,7 +117,6 @@ _CAT_GROUP = np.array([_G[g] for _, _, g, _ in _CATEGORY_TABLE], dtype=np.int64)
 _CAT_WEIGHT = np.array([w for _, _, _, w in _CATEGORY_TABLE], dtype=np.float64)
 _CAT_INDEX = {leaf: i for i, (_, leaf, _, _) in enumerate(_CATEGORY_TABLE)}
 _WORK_ANCHOR_CATS = np.array([_CAT_INDEX["Office"], _CAT_INDEX["Coworking Space"]])
-_EDU_ANCHOR_CATS = np.array([_CAT_INDEX["University"], _CAT_INDEX["College Academic Building"]])
 
 #: Land uses of the neighbourhoods of the check-in city.
 LAND_USES: tuple[str, ...] = ("residential", "office", "campus", "nightlife", "parks", "shopping", "transit_hub")
@@ -165,51 +169,239 @@ _KM_PER_DEG_LAT = 110.574
 _KM_PER_DEG_LON = 111.320 * np.cos(np.deg2rad(40.78))
 
 # --------------------------------------------------------------------------------------------------------------------
-# Weekly routine of the check-in city
+# Weekly routines of the check-in city: one per user archetype
 # --------------------------------------------------------------------------------------------------------------------
 
-# Activity slots of a day, in local hours; the last one (00:00-03:00) belongs to the night after the day.
+# Activity slots of a day, in local hours. Slots from 21:00 on (_NIGHT_SLOT) belong to the night after the day: the
+# last two (00:00-03:00, 03:00-06:00) fall on the next calendar date, and all three follow the routine of the next day
+# (Friday night is a night off for an office worker, Sunday night one before work).
 _SLOT_HOURS: tuple[tuple[int, int], ...] = (
-    (6, 8), (8, 10), (10, 12), (12, 14), (14, 17), (17, 19), (19, 21), (21, 24), (24, 27),
+    (6, 8), (8, 10), (10, 12), (12, 14), (14, 17), (17, 19), (19, 21), (21, 24), (24, 27), (27, 30),
 )
 _NUM_SLOTS = len(_SLOT_HOURS)
-_LATE_SLOT = _NUM_SLOTS - 1
+_NIGHT_SLOT = 7
+_NEXT_DATE_SLOT = 8  # first slot after midnight: skipped on the last day (it would spill over the window)
+_RHO = 0.6  # EPR exploration: a new place with probability _RHO * S ** -_GAMMA (S distinct places so far)
+_GAMMA = 0.21
+_DECAY_KM = 2.0  # exploration weight exp(-distance / _DECAY_KM) from the current place
 
-# Group preference per slot. "anchor" is the user's work or school group, "other" the other one of the two.
-_WEEKDAY_PREF: dict[str, tuple[float, ...]] = {
-    "home": (7.5, 1.25, 0.5, 0.25, 0.25, 2.5, 7.5, 12.5, 12.5),
-    "anchor": (1.25, 10.0, 15.0, 1.25, 15.0, 2.5, 0.5, 0.25, 0.0),
-    "other": (0.0, 0.1, 0.2, 0.1, 0.2, 0.1, 0.05, 0.0, 0.0),
-    "coffee": (5.0, 4.0, 1.0, 0.5, 1.5, 0.5, 0.2, 0.1, 0.0),
-    "quick": (0.5, 0.5, 0.5, 5.0, 1.0, 1.0, 1.5, 1.0, 1.5),
-    "restaurant": (0.0, 0.0, 0.2, 3.0, 0.3, 0.8, 5.0, 1.5, 0.2),
-    "nightlife": (0.0, 0.0, 0.0, 0.0, 0.1, 0.8, 1.5, 3.0, 2.0),
-    "outdoors": (0.5, 0.2, 0.2, 0.5, 0.5, 1.0, 0.3, 0.1, 0.0),
-    "gym": (3.0, 0.5, 0.2, 0.3, 0.3, 4.0, 2.0, 0.5, 0.0),
-    "grocery": (0.2, 0.2, 0.3, 0.5, 0.8, 3.0, 2.0, 1.0, 0.3),
-    "shopping": (0.0, 0.1, 0.3, 0.5, 1.0, 1.5, 0.8, 0.1, 0.0),
-    "transit": (4.0, 4.0, 0.5, 0.3, 0.8, 4.0, 1.0, 1.0, 0.5),
-    "entertainment": (0.0, 0.0, 0.1, 0.1, 0.3, 0.5, 2.0, 1.5, 0.2),
-    "medical": (0.0, 0.3, 0.5, 0.2, 0.5, 0.2, 0.0, 0.0, 0.0),
+
+@dataclass(frozen=True)
+class _Archetype:
+    """The routine of one user archetype of the check-in city (one row of :data:`_ARCHETYPES`).
+
+    ``workday`` and ``offday`` map activity groups (:data:`_GROUPS`) and ``"anchor"`` (the group of the user's anchor
+    POI, e.g. ``work`` for an office, ``medical`` for a hospital) to a preference per slot; unlisted groups are 0.
+    """
+
+    description: str
+    anchor: dict[str, float]  # leaf category -> weight of the anchor POI; {} = no anchor (visitors)
+    anchor_land_use: dict[str, float]  # land use -> multiplier of the anchor weight (unlisted: 1)
+    anchor_km: float  # anchors are picked with weight exp(-distance from home / anchor_km) + 0.05
+    work_days: tuple[int, ...]  # weekdays (0 = Monday) that follow the workday routine
+    workday: dict[str, tuple[float, ...]]
+    offday: dict[str, tuple[float, ...]]
+    rate_workday: tuple[float, ...]  # relative check-in rate per slot
+    rate_offday: tuple[float, ...]
+    activity: tuple[float, float] = (1.0, 6.0)  # check-ins per active day, log-uniform per user
+    p_skip: tuple[float, float] = (0.05, 0.45)  # share of days without check-ins, uniform per user
+    stay_days: tuple[int, int] | None = None  # present only this many consecutive days (else the whole window)
+    rho: float = _RHO  # EPR exploration: a new place with probability rho * S ** -_GAMMA
+    decay_km: float = _DECAY_KM  # exploration weight exp(-distance / decay_km) from the current place
+    regular: float = 1.0  # multiplier of _P_REGULAR (0: no regular places)
+    favourites: tuple[int, int] = (3, 8)  # favourite places known before the window (inclusive range)
+    central_home: bool = False  # home = a rented apartment near the lively centre of the city
+
+
+def _swap(table: dict[str, tuple[float, ...]], a: str, b: str) -> dict[str, tuple[float, ...]]:
+    return {(b if k == a else a if k == b else k): v for k, v in table.items()}
+
+
+# The office worker's week (the base of the others). "edu" is an occasional visit to a campus.
+_OFFICE_WORKDAY: dict[str, tuple[float, ...]] = {
+    "home": (7.5, 1.25, 0.5, 0.25, 0.25, 2.5, 7.5, 12.5, 12.5, 12.5),
+    "anchor": (1.25, 10.0, 15.0, 1.25, 15.0, 2.5, 0.5, 0.25, 0.0, 0.0),
+    "edu": (0.0, 0.1, 0.2, 0.1, 0.2, 0.1, 0.05, 0.0, 0.0, 0.0),
+    "coffee": (5.0, 4.0, 1.0, 0.5, 1.5, 0.5, 0.2, 0.1, 0.0, 0.0),
+    "quick": (0.5, 0.5, 0.5, 5.0, 1.0, 1.0, 1.5, 1.0, 1.5, 0.5),
+    "restaurant": (0.0, 0.0, 0.2, 3.0, 0.3, 0.8, 5.0, 1.5, 0.2, 0.0),
+    "nightlife": (0.0, 0.0, 0.0, 0.0, 0.1, 0.8, 1.5, 3.0, 2.0, 0.5),
+    "outdoors": (0.5, 0.2, 0.2, 0.5, 0.5, 1.0, 0.3, 0.1, 0.0, 0.0),
+    "gym": (3.0, 0.5, 0.2, 0.3, 0.3, 4.0, 2.0, 0.5, 0.0, 0.0),
+    "grocery": (0.2, 0.2, 0.3, 0.5, 0.8, 3.0, 2.0, 1.0, 0.3, 0.0),
+    "shopping": (0.0, 0.1, 0.3, 0.5, 1.0, 1.5, 0.8, 0.1, 0.0, 0.0),
+    "transit": (4.0, 4.0, 0.5, 0.3, 0.8, 4.0, 1.0, 1.0, 0.5, 0.3),
+    "entertainment": (0.0, 0.0, 0.1, 0.1, 0.3, 0.5, 2.0, 1.5, 0.2, 0.0),
+    "medical": (0.0, 0.3, 0.5, 0.2, 0.5, 0.2, 0.0, 0.0, 0.0, 0.0),
 }
-_WEEKEND_PREF: dict[str, tuple[float, ...]] = {
-    "home": (10.0, 7.5, 2.5, 1.25, 1.25, 2.5, 5.0, 7.5, 7.5),
-    "anchor": (0.0, 0.25, 0.75, 0.25, 0.75, 0.25, 0.0, 0.0, 0.0),
-    "other": (0.0, 0.0, 0.1, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0),
-    "coffee": (1.0, 4.0, 3.0, 1.0, 1.0, 0.5, 0.2, 0.0, 0.0),
-    "quick": (0.2, 0.5, 1.0, 3.0, 1.0, 1.0, 1.5, 1.0, 2.0),
-    "restaurant": (0.0, 0.5, 2.0, 4.0, 1.0, 1.0, 5.0, 2.0, 0.3),
-    "nightlife": (0.0, 0.0, 0.0, 0.2, 0.3, 1.0, 3.0, 6.0, 6.0),
-    "outdoors": (0.5, 2.0, 4.0, 2.0, 4.0, 2.0, 0.3, 0.0, 0.0),
-    "gym": (0.5, 2.0, 2.0, 0.5, 0.5, 1.0, 0.3, 0.0, 0.0),
-    "grocery": (0.2, 1.0, 2.0, 1.0, 2.0, 1.5, 0.5, 0.2, 0.0),
-    "shopping": (0.0, 0.2, 2.0, 2.0, 4.0, 2.0, 0.5, 0.0, 0.0),
-    "transit": (0.3, 0.5, 1.0, 0.5, 1.0, 1.0, 1.0, 1.5, 1.5),
-    "entertainment": (0.0, 0.0, 0.5, 0.5, 2.0, 1.5, 3.0, 2.0, 0.5),
-    "medical": (0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+_OFFICE_OFFDAY: dict[str, tuple[float, ...]] = {
+    "home": (10.0, 7.5, 2.5, 1.25, 1.25, 2.5, 5.0, 7.5, 7.5, 12.5),
+    "anchor": (0.0, 0.25, 0.75, 0.25, 0.75, 0.25, 0.0, 0.0, 0.0, 0.0),
+    "edu": (0.0, 0.0, 0.1, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0),
+    "coffee": (1.0, 4.0, 3.0, 1.0, 1.0, 0.5, 0.2, 0.0, 0.0, 0.0),
+    "quick": (0.2, 0.5, 1.0, 3.0, 1.0, 1.0, 1.5, 1.0, 2.0, 1.0),
+    "restaurant": (0.0, 0.5, 2.0, 4.0, 1.0, 1.0, 5.0, 2.0, 0.3, 0.0),
+    "nightlife": (0.0, 0.0, 0.0, 0.2, 0.3, 1.0, 3.0, 6.0, 6.0, 2.0),
+    "outdoors": (0.5, 2.0, 4.0, 2.0, 4.0, 2.0, 0.3, 0.0, 0.0, 0.0),
+    "gym": (0.5, 2.0, 2.0, 0.5, 0.5, 1.0, 0.3, 0.0, 0.0, 0.0),
+    "grocery": (0.2, 1.0, 2.0, 1.0, 2.0, 1.5, 0.5, 0.2, 0.0, 0.0),
+    "shopping": (0.0, 0.2, 2.0, 2.0, 4.0, 2.0, 0.5, 0.0, 0.0, 0.0),
+    "transit": (0.3, 0.5, 1.0, 0.5, 1.0, 1.0, 1.0, 1.5, 1.5, 1.0),
+    "entertainment": (0.0, 0.0, 0.5, 0.5, 2.0, 1.5, 3.0, 2.0, 0.5, 0.0),
+    "medical": (0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
 }
+_OFFICE_RATE_WORKDAY = (0.5, 1.0, 0.8, 1.0, 0.9, 1.0, 0.9, 0.7, 0.12, 0.02)
+_OFFICE_RATE_OFFDAY = (0.3, 0.6, 0.9, 1.0, 1.0, 0.9, 0.9, 0.9, 0.5, 0.1)
+_MON_FRI = (0, 1, 2, 3, 4)
+
+_ARCHETYPES: dict[str, _Archetype] = {
+    "office_worker": _Archetype(
+        description="commutes on weekdays to an office (mostly in office districts), 08:00-18:00; leisure in the "
+        "evenings and at weekends",
+        anchor={"Office": 1.0, "Coworking Space": 0.3},
+        anchor_land_use={"office": 20.0, "transit_hub": 3.0},
+        anchor_km=5.0,
+        work_days=_MON_FRI,
+        workday=_OFFICE_WORKDAY,
+        offday=_OFFICE_OFFDAY,
+        rate_workday=_OFFICE_RATE_WORKDAY,
+        rate_offday=_OFFICE_RATE_OFFDAY,
+    ),
+    "student": _Archetype(
+        description="the office week, but at a university or college building (mostly on campus)",
+        anchor={"University": 1.0, "College Academic Building": 1.0},
+        anchor_land_use={"campus": 10.0},
+        anchor_km=5.0,
+        work_days=_MON_FRI,
+        workday=_swap(_OFFICE_WORKDAY, "edu", "work"),
+        offday=_swap(_OFFICE_OFFDAY, "edu", "work"),
+        rate_workday=_OFFICE_RATE_WORKDAY,
+        rate_offday=_OFFICE_RATE_OFFDAY,
+    ),
+    "night_shift_worker": _Archetype(
+        description="works 22:00-06:00 at a hospital, station or 24-hour place (Sunday to Thursday nights), sleeps "
+        "in the morning, runs errands in the afternoon; nights off are nights out",
+        anchor={"Medical Center": 3.0, "Train Station": 1.5, "Bus Station": 1.0, "Deli / Bodega": 0.5,
+                "Fast Food Restaurant": 0.3},
+        anchor_land_use={},
+        anchor_km=4.0,
+        work_days=_MON_FRI,
+        workday={
+            "home": (12.0, 12.0, 12.0, 12.0, 5.0, 2.0, 2.0, 0.5, 0.0, 0.0),
+            "anchor": (0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 8.0, 15.0, 15.0),
+            "coffee": (0.5, 0.0, 0.0, 0.0, 2.0, 2.0, 1.0, 2.0, 0.5, 0.5),
+            "quick": (1.5, 0.0, 0.0, 0.5, 1.0, 1.0, 1.5, 1.0, 2.0, 2.0),
+            "restaurant": (0.0, 0.0, 0.0, 0.0, 0.5, 1.5, 2.0, 0.0, 0.0, 0.0),
+            "outdoors": (0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0),
+            "gym": (0.0, 0.0, 0.0, 0.0, 2.0, 1.5, 0.5, 0.0, 0.0, 0.0),
+            "grocery": (1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 1.0, 0.0, 0.0, 0.3),
+            "shopping": (0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.3, 0.0, 0.0, 0.0),
+            "transit": (3.0, 0.0, 0.0, 0.0, 0.3, 0.5, 1.5, 4.0, 0.3, 0.5),
+        },
+        offday={
+            "home": (12.0, 12.0, 10.0, 4.0, 2.0, 2.0, 2.0, 3.0, 5.0, 10.0),
+            "coffee": (0.0, 0.0, 0.5, 2.0, 2.0, 1.0, 0.5, 0.3, 0.0, 0.0),
+            "quick": (0.0, 0.0, 0.2, 1.0, 1.0, 1.0, 1.0, 1.5, 2.0, 1.5),
+            "restaurant": (0.0, 0.0, 0.0, 1.0, 0.5, 1.5, 3.0, 2.0, 0.5, 0.0),
+            "nightlife": (0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 2.0, 6.0, 6.0, 3.0),
+            "outdoors": (0.0, 0.0, 0.2, 1.0, 2.0, 1.0, 0.2, 0.0, 0.0, 0.0),
+            "gym": (0.0, 0.0, 0.2, 1.0, 1.5, 1.0, 0.2, 0.0, 0.0, 0.0),
+            "grocery": (0.0, 0.0, 0.2, 1.0, 1.5, 1.0, 0.5, 0.2, 0.0, 0.0),
+            "shopping": (0.0, 0.0, 0.2, 1.0, 2.0, 1.0, 0.3, 0.0, 0.0, 0.0),
+            "transit": (0.0, 0.0, 0.2, 0.5, 0.5, 0.5, 1.0, 1.5, 1.5, 1.5),
+            "entertainment": (0.0, 0.0, 0.0, 0.2, 1.0, 1.0, 2.0, 1.5, 0.5, 0.0),
+        },
+        rate_workday=(0.4, 0.0, 0.0, 0.0, 0.2, 0.4, 0.5, 1.0, 1.0, 1.0),
+        rate_offday=(0.0, 0.0, 0.05, 0.3, 0.5, 0.5, 0.7, 1.0, 1.0, 0.7),
+        activity=(1.0, 4.0),
+    ),
+    "visitor": _Archetype(
+        description="in town for 3-7 days, staying in a rented apartment near the centre; no work or school, no "
+        "regular places; sightseeing, shops, food and nightlife, exploring many new places far and wide",
+        anchor={},
+        anchor_land_use={},
+        anchor_km=5.0,
+        work_days=(),
+        workday={},
+        offday={
+            "home": (6.0, 2.0, 0.3, 0.2, 0.3, 0.5, 1.0, 5.0, 8.0, 12.0),
+            "coffee": (4.0, 4.0, 1.5, 0.5, 1.5, 0.5, 0.2, 0.0, 0.0, 0.0),
+            "quick": (0.5, 0.5, 1.0, 2.0, 1.0, 1.0, 1.0, 1.5, 2.0, 0.5),
+            "restaurant": (0.0, 1.0, 1.0, 4.0, 0.5, 1.5, 5.0, 2.0, 0.2, 0.0),
+            "nightlife": (0.0, 0.0, 0.0, 0.0, 0.2, 0.5, 1.5, 4.0, 4.0, 1.0),
+            "outdoors": (0.5, 2.0, 3.0, 1.5, 3.0, 2.0, 0.3, 0.0, 0.0, 0.0),
+            "grocery": (0.2, 0.2, 0.2, 0.2, 0.2, 0.3, 0.2, 0.2, 0.0, 0.0),
+            "shopping": (0.0, 0.3, 3.0, 1.5, 4.0, 2.0, 0.5, 0.0, 0.0, 0.0),
+            "transit": (1.0, 2.0, 1.5, 1.0, 1.5, 1.5, 1.0, 1.0, 0.5, 0.2),
+            "entertainment": (0.0, 0.5, 4.0, 1.5, 4.0, 2.0, 3.0, 1.5, 0.2, 0.0),
+        },
+        rate_workday=(0.0,) * 10,
+        rate_offday=(0.4, 0.9, 1.0, 1.0, 1.0, 0.9, 1.0, 0.8, 0.4, 0.05),
+        activity=(5.0, 10.0),
+        p_skip=(0.0, 0.05),
+        stay_days=(3, 7),
+        rho=0.9,
+        decay_km=4.0,
+        regular=0.0,
+        favourites=(0, 0),
+        central_home=True,
+    ),
+    "remote_worker": _Archetype(
+        description="works from home, cafés and a coworking space near home on weekdays; hardly commutes",
+        anchor={"Coworking Space": 1.0},
+        anchor_land_use={},
+        anchor_km=1.5,
+        work_days=_MON_FRI,
+        workday={
+            **_OFFICE_WORKDAY,
+            "home": (8.0, 6.0, 6.0, 2.0, 5.0, 3.0, 7.5, 12.5, 12.5, 12.5),
+            "anchor": (0.0, 2.0, 4.0, 0.5, 4.0, 0.5, 0.0, 0.0, 0.0, 0.0),
+            "coffee": (3.0, 5.0, 4.0, 1.0, 3.0, 0.5, 0.2, 0.1, 0.0, 0.0),
+            "transit": (0.3, 0.3, 0.2, 0.2, 0.3, 0.5, 0.8, 0.8, 0.3, 0.2),
+        },
+        offday=_OFFICE_OFFDAY,
+        rate_workday=(0.4, 0.8, 0.9, 1.0, 0.9, 1.0, 0.9, 0.7, 0.12, 0.02),
+        rate_offday=_OFFICE_RATE_OFFDAY,
+    ),
+    "service_worker": _Archetype(
+        description="works 12:00-21:00 in a shop, restaurant or bar (mostly in shopping and nightlife districts), "
+        "Wednesday to Sunday; Monday and Tuesday off",
+        anchor={"Clothing Store": 1.0, "Mall": 1.5, "Electronics Store": 1.0, "American Restaurant": 1.0,
+                "Chinese Restaurant": 0.7, "Italian Restaurant": 0.7, "Mexican Restaurant": 0.7, "Sushi Restaurant": 0.7,
+                "Pizza Place": 0.5, "Burger Joint": 0.5, "Coffee Shop": 0.5, "Bar": 0.7},
+        anchor_land_use={"shopping": 10.0, "nightlife": 8.0},
+        anchor_km=5.0,
+        work_days=(2, 3, 4, 5, 6),
+        workday={
+            "home": (6.0, 8.0, 3.0, 0.5, 0.25, 0.25, 0.5, 6.0, 12.5, 12.5),
+            "anchor": (0.0, 0.2, 2.0, 10.0, 15.0, 15.0, 10.0, 1.0, 0.0, 0.0),
+            "coffee": (1.0, 3.0, 3.0, 0.5, 0.5, 0.3, 0.2, 0.1, 0.0, 0.0),
+            "quick": (0.3, 0.5, 1.0, 1.0, 0.5, 0.5, 1.0, 3.0, 2.0, 0.5),
+            "restaurant": (0.0, 0.2, 0.5, 0.3, 0.0, 0.0, 0.2, 1.0, 0.3, 0.0),
+            "nightlife": (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.2, 3.0, 3.0, 0.5),
+            "outdoors": (0.3, 0.5, 1.0, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+            "gym": (0.5, 2.0, 1.5, 0.2, 0.0, 0.0, 0.0, 0.2, 0.0, 0.0),
+            "grocery": (0.2, 1.0, 1.5, 0.3, 0.0, 0.0, 0.0, 0.5, 0.3, 0.0),
+            "shopping": (0.0, 0.1, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+            "transit": (0.3, 0.5, 1.0, 3.0, 0.3, 0.3, 0.5, 3.0, 1.0, 0.3),
+            "entertainment": (0.0, 0.0, 0.2, 0.0, 0.0, 0.0, 0.0, 0.3, 0.0, 0.0),
+            "medical": (0.0, 0.3, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+        },
+        offday=_OFFICE_OFFDAY,
+        rate_workday=(0.2, 0.5, 0.7, 1.0, 1.0, 1.0, 1.0, 0.8, 0.4, 0.05),
+        rate_offday=_OFFICE_RATE_OFFDAY,
+    ),
+}
+#: The user archetypes of the synthetic check-in city (see :func:`synthesize_checkins`).
+ARCHETYPES: tuple[str, ...] = tuple(_ARCHETYPES)
+#: Default share of each archetype among the users of :func:`synthesize_checkins`.
+DEFAULT_ARCHETYPE_MIX: dict[str, float] = {
+    "office_worker": 0.50, "student": 0.20, "night_shift_worker": 0.10, "visitor": 0.10, "remote_worker": 0.05,
+    "service_worker": 0.05,
+}
+
 # Activity chaining: the weight of the next activity group is multiplied by _CHAIN[previous group][next group]
-# ("anchor" = the user's work or school group). Unlisted pairs are 1; repeats of errands are damped.
+# ("anchor" = the group of the user's anchor POI). Unlisted pairs are 1; repeats of errands are damped.
 _CHAIN: dict[str, dict[str, float]] = {
     "home": {"coffee": 1.5, "transit": 1.5, "gym": 1.3},
     "anchor": {"quick": 1.5, "restaurant": 1.3, "gym": 1.5, "transit": 1.5, "nightlife": 1.3},
@@ -226,56 +418,146 @@ _CHAIN: dict[str, dict[str, float]] = {
     "medical": {"grocery": 2.0, "home": 1.5, "medical": 0.2},
 }
 
-# Relative check-in rate per slot (normalised per weekday so a user's daily mean is its activity level).
-_RATE_WEEKDAY = (0.5, 1.0, 0.8, 1.0, 0.9, 1.0, 0.9, 0.7, 0.12)
-_RATE_FRIDAY = (0.5, 1.0, 0.8, 1.0, 0.9, 1.0, 0.9, 0.9, 0.5)
-_RATE_SATURDAY = (0.3, 0.6, 0.9, 1.0, 1.0, 0.9, 0.9, 0.9, 0.5)
-_RATE_SUNDAY = (0.3, 0.6, 0.9, 1.0, 1.0, 0.9, 0.9, 0.5, 0.1)
-
-# EPR (Song et al. 2010) and choice parameters.
-_RHO = 0.6
-_GAMMA = 0.21
-_DECAY_KM = 2.0  # exploration weight exp(-distance / _DECAY_KM) from the current place
+# Choice parameters (EPR's rho and exploration decay are per archetype, above).
 _RETURN_DECAY_KM = 4.0  # returns weigh visits by exp(-distance / _RETURN_DECAY_KM) from the current place
 _P_NEAREST_REGULAR = 0.85  # a regular activity goes to the nearer of the two regular places
 _P_HOME_ANCHOR = 0.92  # a "home" activity happens at the user's home (else another residence)
-_P_WORK_ANCHOR = 0.90  # a "work"/"school" activity happens at the user's anchor
+_P_WORK_ANCHOR = 0.90  # an activity of the anchor's group happens at the anchor
 _TZ_OFFSET_MIN = -240  # New York in summer
 _USER_CHUNK = 256  # users simulated together (memory ~ chunk x num_locations)
 _ROUTINE_SHAPE = 0.35  # Gamma shape of the personal routine noise (smaller = more habitual users)
-_WEEKEND_OF_DAY = np.array([0, 0, 0, 0, 0, 1, 1])
+_CENTRAL_HOME_KM = 1.5  # a visitor's apartment is picked with weight exp(-distance from the centre / this)
 # Chance that an activity of each group happens at the user's regular place of that group (before EPR is consulted).
 _P_REGULAR = np.array([0.0, 0.0, 0.0, 0.75, 0.5, 0.4, 0.5, 0.65, 0.9, 0.85, 0.4, 0.85, 0.4, 0.9])
+_LIVELY_GROUPS = ("restaurant", "nightlife", "shopping", "entertainment")  # where the centre of the city is
 
 
-def _pref_tensor() -> np.ndarray:
-    """Base preference [weekday 0..6, slot, row] with rows = _GROUPS but "work"/"edu" as "anchor"/"other"."""
-    rows = ["home", "anchor", "other"] + list(_GROUPS[3:])
-    wd = np.array([_WEEKDAY_PREF[r] for r in rows], dtype=np.float64).T  # slot x row
-    we = np.array([_WEEKEND_PREF[r] for r in rows], dtype=np.float64).T
-    out = np.empty((7, _NUM_SLOTS, len(rows)))
-    for w in range(7):
-        out[w] = we if w >= 5 else wd
-    out[4, 7:] = we[7:]  # Friday night is a weekend night
-    out[6, 7:] = wd[7:]  # Sunday night is a weekday night
+def _slot_table(table: dict[str, tuple[float, ...]], what: str) -> np.ndarray:
+    """[slot, group + "anchor"] preferences from a table of rows (unlisted rows 0)."""
+    out = np.zeros((_NUM_SLOTS, len(_GROUPS) + 1))
+    for key, row in table.items():
+        if len(row) != _NUM_SLOTS:  # pragma: no cover - guards edits of the tables
+            raise RuntimeError(f"{what}: row {key!r} has {len(row)} slots, expected {_NUM_SLOTS}")
+        out[:, len(_GROUPS) if key == "anchor" else _G[key]] = row
     return out
 
 
-def _chain_matrix(student: bool) -> np.ndarray:
-    """[previous group, next group] multipliers for a worker (``student=False``) or a student."""
-    anchor, other = ("edu", "work") if student else ("work", "edu")
+def _week(workday: np.ndarray, offday: np.ndarray, work_days: tuple[int, ...]) -> np.ndarray:
+    """[weekday 0..6, slot, ...]: the workday or off-day row of each weekday; night slots follow the next day."""
+    is_work = np.isin(np.arange(7), work_days)
+    out = np.where(is_work[:, None, None], workday[None], offday[None])
+    night_work = np.roll(is_work, -1)
+    out[:, _NIGHT_SLOT:] = np.where(night_work[:, None, None], workday[None, _NIGHT_SLOT:], offday[None, _NIGHT_SLOT:])
+    return out
+
+
+def _chain_matrix(anchor_group: int | None) -> np.ndarray:
+    """[previous group, next group] multipliers for a user whose anchor POI is of ``anchor_group`` (None: no anchor).
+
+    With a work anchor a visit to a campus chains like the anchor, and the other way round.
+    """
     out = np.ones((len(_GROUPS), len(_GROUPS)))
     for prev, row in _CHAIN.items():
-        i = _G[anchor if prev == "anchor" else prev]
+        if prev == "anchor" and anchor_group is None:
+            continue
+        i = anchor_group if prev == "anchor" else _G[prev]
         for nxt, factor in row.items():
-            out[i, _G[anchor if nxt == "anchor" else nxt]] = factor
-    out[_G[other]] = out[_G[anchor]]
+            if nxt == "anchor" and anchor_group is None:
+                continue
+            out[i, anchor_group if nxt == "anchor" else _G[nxt]] = factor
+    other = {_G["work"]: _G["edu"], _G["edu"]: _G["work"]}.get(anchor_group)
+    if other is not None:
+        out[other] = out[anchor_group]
     return out
 
 
-def _rate_table() -> np.ndarray:
-    rates = np.array([_RATE_WEEKDAY] * 4 + [_RATE_FRIDAY, _RATE_SATURDAY, _RATE_SUNDAY], dtype=np.float64)
-    return rates / rates.sum(axis=1, keepdims=True)
+@dataclass(frozen=True)
+class _ArchetypeTables:
+    """The archetype table as arrays indexed by archetype (and weekday, slot, group)."""
+
+    pref: np.ndarray  # [archetype, weekday, slot, group + 1]: last column = the anchor's group
+    rate: np.ndarray  # [archetype, weekday, slot], each row sums to 1
+    work_day: np.ndarray  # [archetype, weekday] bool (the day's own routine; the noise of the routine follows it)
+    chain: np.ndarray  # [anchor group (len(_GROUPS) = none), previous group, next group]
+    anchor_cat: np.ndarray  # [archetype, category] weight of the anchor category
+    anchor_land_use: list[dict[str, float]]
+    anchor_km: np.ndarray
+    activity: np.ndarray  # [archetype, 2]
+    p_skip: np.ndarray  # [archetype, 2]
+    stay: np.ndarray  # [archetype, 2]; (0, 0) = the whole window
+    rho: np.ndarray
+    decay_km: np.ndarray
+    regular: np.ndarray
+    favourites: np.ndarray  # [archetype, 2]
+    central_home: np.ndarray
+
+
+def _archetype_tables() -> _ArchetypeTables:
+    arcs = list(_ARCHETYPES.values())
+    pref, rate = [], []
+    for name, a in _ARCHETYPES.items():
+        pref.append(_week(_slot_table(a.workday, name), _slot_table(a.offday, name), a.work_days))
+        r = _week(np.array(a.rate_workday)[:, None], np.array(a.rate_offday)[:, None], a.work_days)[..., 0]
+        rate.append(r / r.sum(axis=1, keepdims=True))
+    anchor_cat = np.zeros((len(arcs), len(_CATEGORY_TABLE)))
+    for i, a in enumerate(arcs):
+        for leaf, w in a.anchor.items():
+            anchor_cat[i, _CAT_INDEX[leaf]] = w
+    return _ArchetypeTables(
+        pref=np.stack(pref),
+        rate=np.stack(rate),
+        work_day=np.array([np.isin(np.arange(7), a.work_days) for a in arcs]),
+        chain=np.stack([_chain_matrix(g) for g in range(len(_GROUPS))] + [_chain_matrix(None)]),
+        anchor_cat=anchor_cat,
+        anchor_land_use=[a.anchor_land_use for a in arcs],
+        anchor_km=np.array([a.anchor_km for a in arcs]),
+        activity=np.array([a.activity for a in arcs], dtype=np.float64),
+        p_skip=np.array([a.p_skip for a in arcs], dtype=np.float64),
+        stay=np.array([a.stay_days or (0, 0) for a in arcs], dtype=np.int64),
+        rho=np.array([a.rho for a in arcs]),
+        decay_km=np.array([a.decay_km for a in arcs]),
+        regular=np.array([a.regular for a in arcs]),
+        favourites=np.array([a.favourites for a in arcs], dtype=np.int64),
+        central_home=np.array([a.central_home for a in arcs]),
+    )
+
+
+_TABLES = _archetype_tables()
+
+
+def _check_archetype_mix(archetype_mix) -> np.ndarray:
+    """Validate ``archetype_mix`` (None = the default) into shares per archetype, in the order of ARCHETYPES."""
+    if archetype_mix is None:
+        archetype_mix = DEFAULT_ARCHETYPE_MIX
+    if not isinstance(archetype_mix, Mapping) or not archetype_mix:
+        raise ValueError(
+            f"archetype_mix must be a non-empty dict of archetype -> share, got {archetype_mix!r}; archetypes: "
+            f"{list(ARCHETYPES)}"
+        )
+    unknown = [k for k in archetype_mix if k not in _ARCHETYPES]
+    if unknown:
+        raise ValueError(f"archetype_mix has unknown archetype(s) {unknown}; known: {list(ARCHETYPES)}")
+    shares = np.zeros(len(ARCHETYPES))
+    for i, name in enumerate(ARCHETYPES):
+        v = archetype_mix.get(name, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v) or v < 0:
+            raise ValueError(f"archetype_mix[{name!r}] must be a finite number >= 0, got {v!r}")
+        shares[i] = float(v)
+    if not np.isclose(shares.sum(), 1.0, rtol=0, atol=1e-6):
+        raise ValueError(f"archetype_mix shares must sum to 1, got {shares.sum():g} ({dict(archetype_mix)})")
+    return shares / shares.sum()
+
+
+def _assign_archetypes(num_users: int, shares: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Archetype index of every user: each archetype gets its share of the users (largest remainder), shuffled."""
+    quota = shares * num_users
+    counts = np.floor(quota).astype(np.int64)
+    rest = num_users - int(counts.sum())
+    if rest > 0:
+        remainder = np.where(shares > 0, quota - counts, -1.0)  # an archetype with share 0 gets nobody
+        order = np.argsort(-remainder, kind="stable")  # ties go to the archetype listed first
+        counts[order[:rest]] += 1
+    return rng.permutation(np.repeat(np.arange(len(shares)), counts))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -514,70 +796,113 @@ def _build_poi_city(num_locations: int, rng: np.random.Generator) -> _PoiCity:
     return _PoiCity(lat, lon, px, py, cat, hood_use[hood], names, venue_ids, hoods)
 
 
+def _anchor_pools(city: _PoiCity) -> np.ndarray:
+    """[archetype, POI] weight of each POI as the anchor of a user of that archetype (all 0: no anchor).
+
+    An archetype whose anchor categories this city lacks (a small city without a hospital) anchors at offices.
+    """
+    t = _TABLES
+    pools = t.anchor_cat[:, city.cat].copy()
+    for i, multipliers in enumerate(t.anchor_land_use):
+        for use, factor in multipliers.items():
+            pools[i, city.land_use == use] *= factor
+    office = pools[ARCHETYPES.index("office_worker")]
+    missing = (t.anchor_cat.sum(axis=1) > 0) & (pools.sum(axis=1) == 0)
+    pools[missing] = office
+    return pools
+
+
 def _simulate_checkin_chunk(
-    city: _PoiCity, n: int, num_days: int, start_weekday: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Simulate ``n`` users; return (user, day, slot, location) of every check-in, in (day, slot) order."""
+    city: _PoiCity, arch: np.ndarray, num_days: int, start_weekday: int, rng: np.random.Generator
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]:
+    """Simulate users of archetypes ``arch`` (indices into ARCHETYPES).
+
+    Returns (user, day, slot, location) of every check-in, in (day, slot) order, and per user its ``home`` and
+    ``anchor`` POI (-1: none) and the ``first_day`` and ``last_day`` of its stay.
+    """
+    t = _TABLES
+    n = len(arch)
     num_l = len(city.cat)
     poi_group = city.group
     num_g = len(_GROUPS)
     available = np.bincount(poi_group, minlength=num_g) > 0
+    rows = np.arange(n)
 
-    # Anchors.
+    # Homes: a residence; for visitors a rented apartment near the lively centre of the city.
     homes_pool = np.flatnonzero(poi_group == _G["home"])
     home = homes_pool[rng.integers(0, len(homes_pool), n)]
-    work_pool = np.flatnonzero(np.isin(city.cat, _WORK_ANCHOR_CATS))
-    edu_pool = np.flatnonzero(np.isin(city.cat, _EDU_ANCHOR_CATS))
-    student = (rng.random(n) < 0.25) & (len(edu_pool) > 0)
-    anchor = np.empty(n, dtype=np.int64)
-    for mask, pool in ((~student, work_pool), (student, edu_pool)):
-        if not mask.any():
-            continue
-        d = np.hypot(city.px[pool][None, :] - city.px[home[mask]][:, None],
-                     city.py[pool][None, :] - city.py[home[mask]][:, None])
-        anchor[mask] = pool[_sample_rows(np.exp(-d / 5.0) + 0.05, rng.random(int(mask.sum())))]
-    anchor_group = np.where(student, _G["edu"], _G["work"])
+    r_central = rng.random(n)
+    central = t.central_home[arch]
+    if central.any():
+        lively = np.isin(poi_group, [_G[g] for g in _LIVELY_GROUPS])
+        lively = lively if lively.any() else np.ones(num_l, dtype=bool)
+        cx, cy = city.px[lively].mean(), city.py[lively].mean()
+        flats = homes_pool[city.cat[homes_pool] == _CAT_INDEX["Residential Building (Apartment / Condo)"]]
+        flats = flats if len(flats) else homes_pool
+        w = np.exp(-np.hypot(city.px[flats] - cx, city.py[flats] - cy) / _CENTRAL_HOME_KM) + 1e-12
+        home[central] = flats[_sample_rows(np.broadcast_to(w, (int(central.sum()), len(w))), r_central[central])]
+    d_home = np.hypot(city.px[None, :] - city.px[home][:, None], city.py[None, :] - city.py[home][:, None])
 
-    # Tastes, activity, skipped days.
-    group_taste = np.exp(rng.normal(0.0, 0.6, (n, num_g)))
-    group_taste[:, [_G["home"], _G["work"], _G["edu"]]] = 1.0
+    # Anchors: a POI of the archetype's anchor categories (weighted by land use), preferably near home.
+    pools = _anchor_pools(city)
+    has_anchor = pools[arch].sum(axis=1) > 0
+    w = pools[arch] * (np.exp(-d_home / t.anchor_km[arch][:, None]) + 0.05) + (~has_anchor)[:, None]
+    anchor = np.where(has_anchor, _sample_rows(w, rng.random(n)), -1)
+    anchor_group = np.where(has_anchor, poi_group[np.maximum(anchor, 0)], -1)
+    chain_row = np.where(has_anchor, anchor_group, num_g)  # index into t.chain (num_g: no anchor)
+    anchor_onehot = np.zeros((n, num_g))
+    anchor_onehot[rows[has_anchor], anchor_group[has_anchor]] = 1.0
+    fixed = anchor_onehot > 0  # groups whose preference is the archetype's own, free of personal noise
+    fixed[:, [_G["home"], _G["work"], _G["edu"]]] = True
+
+    # Tastes, activity, presence and skipped days.
+    group_taste = np.where(fixed, 1.0, np.exp(rng.normal(0.0, 0.6, (n, num_g))))
     leaf_taste = np.exp(rng.normal(0.0, 0.5, (n, len(_CATEGORIES))))
     poi_taste = leaf_taste[:, city.cat]  # n x L
-    activity = np.exp(rng.uniform(np.log(1.0), np.log(6.0), n))
-    p_skip = rng.uniform(0.05, 0.45, n)
-    day_active = rng.random((n, num_days)) >= p_skip[:, None]
+    lo, hi = np.log(t.activity[arch]).T
+    activity = np.exp(lo + rng.random(n) * (hi - lo))
+    lo, hi = t.p_skip[arch].T
+    p_skip = lo + rng.random(n) * (hi - lo)
+    lo, hi = t.stay[arch].T
+    stay = np.where(hi > 0, np.minimum(lo + np.floor(rng.random(n) * (hi - lo + 1)).astype(np.int64), num_days),
+                    num_days)
+    first_day = np.floor(rng.random(n) * (num_days - stay + 1)).astype(np.int64)
+    last_day = first_day + stay - 1
+    days = np.arange(num_days)
+    day_active = (
+        (rng.random((n, num_days)) >= p_skip[:, None]) & (days >= first_day[:, None]) & (days <= last_day[:, None])
+    )
 
     # Preferences per user [user, weekday, slot, group] and check-in probabilities [user, weekday, slot].
-    base = _pref_tensor()  # 7 x S x rows(home, anchor, other, groups[3:])
-    pref = np.empty((n, 7, _NUM_SLOTS, num_g))
-    pref[..., _G["home"]] = base[None, ..., 0]
-    pref[..., 3:] = base[None, ..., 3:]
-    pref[..., _G["work"]] = np.where(student[:, None, None], base[None, ..., 2], base[None, ..., 1])
-    pref[..., _G["edu"]] = np.where(student[:, None, None], base[None, ..., 1], base[None, ..., 2])
-    # Personal routine: each user's own sharper version of the population's, the same every week.
-    routine = rng.gamma(_ROUTINE_SHAPE, 1.0 / _ROUTINE_SHAPE, (n, 2, _NUM_SLOTS, num_g))[:, _WEEKEND_OF_DAY]
-    routine[..., [_G["home"], _G["work"], _G["edu"]]] = 1.0
+    base = t.pref[arch]  # n x 7 x S x (groups + anchor)
+    pref = base[..., :num_g] + base[..., num_g:] * anchor_onehot[:, None, None, :]
+    # Personal routine: each user's own sharper version of its archetype's, the same every week.
+    noise = rng.gamma(_ROUTINE_SHAPE, 1.0 / _ROUTINE_SHAPE, (n, 2, _NUM_SLOTS, num_g))
+    routine = noise[rows[:, None], t.work_day[arch].astype(np.int64)]  # n x 7 x S x G
+    routine = np.where(fixed[:, None, None, :], 1.0, routine)
     pref *= routine * group_taste[:, None, None, :] * available[None, None, None, :]
-    p_slot = np.minimum(0.95, activity[:, None, None] * _rate_table()[None])
+    p_slot = np.minimum(0.95, activity[:, None, None] * t.rate[arch])
 
     # Memory: favourites count as visited before the observation window starts.
     counts = np.zeros((n, num_l), dtype=np.float64)
-    rows = np.arange(n)
     counts[rows, home] += 5
-    counts[rows, anchor] += 5
-    d_home = np.hypot(city.px[None, :] - city.px[home][:, None], city.py[None, :] - city.py[home][:, None])
-    d_anchor = np.hypot(city.px[None, :] - city.px[anchor][:, None], city.py[None, :] - city.py[anchor][:, None])
+    counts[rows[has_anchor], anchor[has_anchor]] += 5
+    base_place = np.where(has_anchor, anchor, home)
+    d_anchor = np.hypot(city.px[None, :] - city.px[base_place][:, None],
+                        city.py[None, :] - city.py[base_place][:, None])
     fav_ok = ~np.isin(poi_group, [_G["home"], _G["work"], _G["edu"]])
     fav_w = fav_ok[None, :] * group_taste[:, poi_group] * poi_taste * np.exp(-np.minimum(d_home, d_anchor) / 1.0)
     with np.errstate(divide="ignore"):
         keys = np.log(fav_w) + rng.gumbel(size=fav_w.shape)
-    k_max = min(8, num_l)
+    k_max = min(int(t.favourites[:, 1].max()), num_l)
     top = np.argsort(-keys, axis=1, kind="stable")[:, :k_max]
-    k = rng.integers(3, 9, n)
+    lo, hi = t.favourites[arch].T
+    k = lo + np.floor(rng.random(n) * (hi - lo + 1)).astype(np.int64)
     take = (np.arange(k_max)[None, :] < k[:, None]) & np.isfinite(np.take_along_axis(keys, top, axis=1))
     counts[np.repeat(rows, k_max)[take.ravel()], top.ravel()[take.ravel()]] += 2
     # Regular places: the user's own gym, coffee shop, subway station... per activity group, one near home and one
-    # near the work or school anchor (the same place when the two are close).
+    # near the anchor (the same place when the two are close). Visitors have none.
+    has_regular = t.regular[arch] > 0
     regular = np.zeros((n, 2, num_g), dtype=np.int64)
     for side, dist in enumerate((d_home, d_anchor)):
         near = np.exp(-dist / 0.7) * poi_taste
@@ -585,12 +910,12 @@ def _simulate_checkin_chunk(
             if available[gi]:
                 in_g = (poi_group == gi)[None, :]
                 regular[:, side, gi] = _sample_rows(near * in_g + 1e-300 * in_g, rng.random(n))
-                counts[rows, regular[:, side, gi]] += 2
-    p_regular = np.clip(_P_REGULAR[None, :] * rng.uniform(0.7, 1.2, (n, 1)), 0.0, 0.95)
+                counts[rows, regular[:, side, gi]] += 2 * has_regular
+    p_regular = np.clip(_P_REGULAR[None, :] * rng.uniform(0.7, 1.2, (n, 1)) * t.regular[arch][:, None], 0.0, 0.95)
     visited = (counts > 0).sum(axis=1).astype(np.float64)
+    rho, decay_km = t.rho[arch], t.decay_km[arch]
     del d_home, d_anchor, fav_w, keys, near
 
-    chain_worker, chain_student = _chain_matrix(False), _chain_matrix(True)
     out_u, out_d, out_s, out_l = [], [], [], []
     for day in range(num_days):
         w = (start_weekday + day) % 7
@@ -598,14 +923,13 @@ def _simulate_checkin_chunk(
         prev_g = np.full(n, _G["home"], dtype=np.int64)
         for s in range(_NUM_SLOTS):
             u_draw = rng.random(n)
-            if s == _LATE_SLOT and day == num_days - 1:
+            if s >= _NEXT_DATE_SLOT and day == num_days - 1:
                 continue  # the last night would spill over the window
             act = np.flatnonzero(day_active[:, day] & (u_draw < p_slot[:, w, s]))
             if len(act) == 0:
                 continue
             na = len(act)
-            chain = np.where(student[act, None], chain_student[prev_g[act]], chain_worker[prev_g[act]])
-            g = _sample_rows(pref[act, w, s, :] * chain, rng.random(na))
+            g = _sample_rows(pref[act, w, s, :] * t.chain[chain_row[act], prev_g[act]], rng.random(na))
             prev_g[act] = g
             r_anchor = rng.random(na)
             loc = np.full(na, -1, dtype=np.int64)
@@ -616,7 +940,7 @@ def _simulate_checkin_chunk(
             at_regular = (loc < 0) & (rng.random(na) < p_regular[act, g])
             if at_regular.any():
                 ua, ga = act[at_regular], g[at_regular]
-                cands = regular[ua, :, ga]  # (k, 2): the home-side and the work-side place
+                cands = regular[ua, :, ga]  # (k, 2): the home-side and the anchor-side place
                 dc = np.hypot(city.px[cands] - city.px[cur[ua]][:, None], city.py[cands] - city.py[cur[ua]][:, None])
                 side = (dc[:, 1] < dc[:, 0]).astype(np.int64)
                 side = np.where(rng.random(len(ua)) < _P_NEAREST_REGULAR, side, 1 - side)
@@ -632,8 +956,8 @@ def _simulate_checkin_chunk(
                 dist = np.hypot(city.px[None, :] - city.px[cur[u]][:, None],
                                 city.py[None, :] - city.py[cur[u]][:, None])
                 w_return = taste * cnt * np.exp(-dist / _RETURN_DECAY_KM)
-                w_explore = taste * (cnt == 0) * np.exp(-dist / _DECAY_KM)
-                p_new = _RHO * visited[u] ** -_GAMMA
+                w_explore = taste * (cnt == 0) * np.exp(-dist / decay_km[u][:, None])
+                p_new = rho[u] * visited[u] ** -_GAMMA
                 has_new = w_explore.sum(axis=1) > 0
                 has_old = w_return.sum(axis=1) > 0
                 explore = has_new & ((r_explore[epr] < p_new) | ~has_old)
@@ -647,10 +971,11 @@ def _simulate_checkin_chunk(
             out_d.append(np.full(na, day, dtype=np.int64))
             out_s.append(np.full(na, s, dtype=np.int64))
             out_l.append(loc)
+    users = {"home": home, "anchor": anchor, "first_day": first_day, "last_day": last_day}
     if not out_u:
         empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, empty, empty
-    return np.concatenate(out_u), np.concatenate(out_d), np.concatenate(out_s), np.concatenate(out_l)
+        return (empty, empty, empty, empty), users
+    return (np.concatenate(out_u), np.concatenate(out_d), np.concatenate(out_s), np.concatenate(out_l)), users
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -764,7 +1089,7 @@ def _render_land_use_tiles(
 
 @dataclass
 class SyntheticCheckins:
-    """A synthetic check-in city: the check-ins and the POI table.
+    """A synthetic check-in city: the check-ins, the POI table and who the users are.
 
     Attributes:
         checkins (`pd.DataFrame`): one row per check-in, sorted by user then time, with columns ``user_id``,
@@ -777,11 +1102,18 @@ class SyntheticCheckins:
             ``neighbourhood`` (int64, 0..), ``latitude``, ``longitude`` (its centre), ``land_use``, ``spread_km`` (the
             standard deviation, per axis, of its POIs around the centre) and ``num_pois`` (int64). Needed by
             :meth:`land_use_tiles`; ``None`` for a city made by hand without one.
+        users (`pd.DataFrame`, *optional*): the ground truth about the people, one row per user (every user, also one
+            without check-ins), in user order: ``user_id``, ``archetype`` (one of :data:`ARCHETYPES`),
+            ``home_location_id`` (a visitor's rented apartment), ``anchor_location_id`` (the workplace or school;
+            missing for visitors), ``first_day`` and ``last_day`` (int64, days since ``start_date``, inclusive: the
+            user's stay; ``0`` and ``num_days - 1`` but for visitors). Descriptive only: it is for reports (which
+            mixture-of-experts role fires for which archetype), and no model or baseline reads it.
     """
 
     checkins: pd.DataFrame
     pois: pd.DataFrame
     neighbourhoods: pd.DataFrame | None = None
+    users: pd.DataFrame | None = None
 
     def land_use_tiles(self, size: int = 32, radius_m: float = 400.0) -> np.ndarray:
         """Render a small land-use raster tile around every POI (the images of M3ob, DESIGN §3.3).
@@ -861,20 +1193,24 @@ class SyntheticCheckins:
         return folder
 
     def write_tsmc(self, out_dir: str | os.PathLike) -> dict[str, Path]:
-        """Write the city as raw files, atomically: ``checkins.txt`` (TSMC2014 format) and ``pois.csv``.
+        """Write the city as raw files, atomically: ``checkins.txt`` (TSMC2014 format), ``pois.csv`` and, when the
+        city has :attr:`users`, ``users.csv``.
 
         ``checkins.txt`` is tab-separated without header, Latin-1, with the columns ``userId, venueId, venueCategoryId,
         venueCategory, latitude, longitude, timezoneOffset, utcTimestamp`` and timestamps like
         ``Tue Apr 03 18:00:09 +0000 2012`` (English names whatever the locale); like the real files, ``venueCategory`` is
         the leaf name ("Coffee Shop"). ``pois.csv`` is UTF-8 with the header
         ``location_id,name,category,category_id,latitude,longitude,land_use,category_group`` (``category`` the leaf
-        name, ``category_group`` the top level, e.g. "Food").
+        name, ``category_group`` the top level, e.g. "Food"). ``users.csv`` is UTF-8 with the header
+        ``user_id,archetype,home_location_id,anchor_location_id,first_day,last_day`` (an empty field for a missing
+        anchor); ``mobility data prepare`` carries it into the prepared dataset as its ``users`` table.
 
         Args:
             out_dir (`str` or `os.PathLike`): the folder (created when missing).
 
         Returns:
-            `dict[str, Path]`: ``{"checkins": path of checkins.txt, "pois": path of pois.csv}``.
+            `dict[str, Path]`: ``{"checkins": path of checkins.txt, "pois": path of pois.csv}``, plus ``"users"``: the
+            path of users.csv when written.
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -896,6 +1232,9 @@ class SyntheticCheckins:
         parts = csv["category"].astype(str).str.split(" > ")
         csv = csv.assign(category=parts.str[-1], category_group=parts.str[0])
         _atomic_write_bytes(paths["pois"], csv.to_csv(index=False, lineterminator="\n").encode("utf-8"))
+        if self.users is not None:
+            paths["users"] = out / "users.csv"
+            _atomic_write_bytes(paths["users"], self.users.to_csv(index=False, lineterminator="\n").encode("utf-8"))
         logger.info("wrote %d check-ins and %d POIs to %s", len(c), len(self.pois), out)
         return paths
 
@@ -942,20 +1281,35 @@ def synthesize_checkins(
     seed: int = 0,
     city_seed: int | None = None,
     start_date: str = "2012-04-02",
+    archetype_mix: dict[str, float] | None = None,
 ) -> SyntheticCheckins:
     """Make a synthetic Foursquare-like check-in city.
 
     The city (seeded by ``city_seed``) has 8-12 neighbourhoods of distinct land use (residential, office, campus,
     nightlife, parks, shopping, transit hub), each a Gaussian cluster of POIs in a 0.2 x 0.2 degree box around New
-    York. Every user (seeded by ``seed``) has a home, a work or school anchor, favourite and regular places (one per
-    activity near home, one near the anchor), personal tastes and a weekly routine (slot x weekday x category
-    preferences, with activity chaining such as coffee -> work or restaurant -> bar). Each check-in picks an activity
-    from the routine, then a place: the home or anchor for those activities, often the nearer regular place, else EPR:
-    exploration of a new POI with probability ``0.6 * S ** -0.21`` (``S`` distinct places so far; chosen by taste and
-    ``exp(-distance / 2 km)`` from the current place) or a return to a visited one in proportion to its visits (and
-    ``exp(-distance / 4 km)``). Users differ in activity (about 1 to 6 check-ins per active day) and skip 5-45% of
-    days. Local time is ``timestamp + tz_offset_min * 60`` and lies in
-    ``[start_date, start_date + num_days)``.
+    York. Every user (seeded by ``seed``) belongs to an archetype (:data:`ARCHETYPES`) with its own weekly routine
+    (slot x weekday x category preferences and check-in rates, with activity chaining such as coffee -> work or
+    restaurant -> bar), anchor and habits:
+
+    - ``office_worker``: commutes on weekdays to an office, mostly in an office district, 08:00-18:00;
+    - ``student``: the same week at a university or college building, mostly on campus;
+    - ``night_shift_worker``: works 22:00-06:00 (Sunday to Thursday nights) at a hospital, a station or a 24-hour
+      deli or fast-food place, sleeps in the morning, runs errands in the afternoon, goes out on nights off;
+    - ``visitor``: in town for only 3-7 days, staying in a rented apartment near the lively centre, with no work
+      anchor and no regular places; sightseeing, shopping, food and nightlife, exploring many new places (EPR with
+      ``rho = 0.9``) farther afield (exploration decay 4 km instead of 2 km), 5-10 check-ins a day;
+    - ``remote_worker``: works from home, cafés and a coworking space near home on weekdays;
+    - ``service_worker``: works 12:00-21:00 in a shop, restaurant or bar, mostly in shopping and nightlife districts,
+      Wednesday to Sunday.
+
+    Residents (every archetype but visitors) have a home, favourite and regular places (one per activity near home,
+    one near the anchor) and personal tastes. Each check-in picks an activity from the routine, then a place: the
+    home or anchor for those activities, often the nearer regular place, else EPR: exploration of a new POI with
+    probability ``rho * S ** -0.21`` (``rho = 0.6`` but for visitors; ``S`` distinct places so far; chosen by taste
+    and ``exp(-distance / 2 km)`` from the current place) or a return to a visited one in proportion to its visits (and
+    ``exp(-distance / 4 km)``). Residents differ in activity (about 1 to 6 check-ins per active day) and skip 5-45% of
+    days. Local time is ``timestamp + tz_offset_min * 60`` and lies in ``[start_date, start_date + num_days)``. The
+    archetype simulation is vectorised over chunks of users, and the same arguments give the same frames and bytes.
 
     Args:
         num_users (`int`, *optional*, defaults to 150): number of users, at least 1.
@@ -965,35 +1319,49 @@ def synthesize_checkins(
         city_seed (`int`, *optional*): seed of the city layout (>= 0); defaults to ``seed``.
         start_date (`str`, *optional*, defaults to `"2012-04-02"`): local calendar date of day 0 (a Monday by
             default).
+        archetype_mix (`dict[str, float]`, *optional*): share of the users of each archetype (names from
+            :data:`ARCHETYPES`; a missing name has share 0), non-negative and summing to 1. Defaults to
+            :data:`DEFAULT_ARCHETYPE_MIX`: office_worker 0.5, student 0.2, night_shift_worker 0.1, visitor 0.1,
+            remote_worker 0.05, service_worker 0.05. Each archetype gets exactly its share of the users, rounded by
+            largest remainder (ties to the archetype listed first), and users are shuffled (seeded by ``seed``).
 
     Returns:
-        [`SyntheticCheckins`]: the check-ins and the POI table (defaults: about 35-40k check-ins, in well under a
-        second).
+        [`SyntheticCheckins`]: the check-ins, the POI table and the ``users`` table (defaults: about 30-40k check-ins,
+        in about a second).
+
+    Raises:
+        `ValueError`: on a bad argument, e.g. an unknown archetype or shares that are negative or do not sum to 1.
     """
     num_users = _check_int("num_users", num_users, 1)
     num_locations = _check_int("num_locations", num_locations, 20)
     num_days = _check_int("num_days", num_days, 1, 36500)
     seed, city_seed = _check_seeds(seed, city_seed)
     start = _parse_start_date(start_date)
+    shares = _check_archetype_mix(archetype_mix)
     t0 = time.perf_counter()
 
     city = _build_poi_city(num_locations, _rng(city_seed, 1))
     start_weekday = start.weekday()
     base_epoch = int((start - pd.Timestamp("1970-01-01")) // pd.Timedelta(seconds=1))  # local midnight of day 0
+    archetype = _assign_archetypes(num_users, shares, _rng(seed, 4))
 
-    users, days, slots, locs = [], [], [], []
+    users, days, slots, locs, infos = [], [], [], [], []
     chunks = np.random.SeedSequence([seed, 2]).spawn((num_users + _USER_CHUNK - 1) // _USER_CHUNK)
     for i, chunk_seed in enumerate(chunks):
-        n = min(_USER_CHUNK, num_users - i * _USER_CHUNK)
-        u, d, s, loc = _simulate_checkin_chunk(city, n, num_days, start_weekday, np.random.default_rng(chunk_seed))
-        users.append(u + i * _USER_CHUNK)
+        lo = i * _USER_CHUNK
+        (u, d, s, loc), info = _simulate_checkin_chunk(
+            city, archetype[lo:lo + _USER_CHUNK], num_days, start_weekday, np.random.default_rng(chunk_seed)
+        )
+        users.append(u + lo)
         days.append(d)
         slots.append(s)
         locs.append(loc)
+        infos.append(info)
     user = np.concatenate(users)
     day = np.concatenate(days)
     slot = np.concatenate(slots)
     loc = np.concatenate(locs)
+    info = {k: np.concatenate([x[k] for x in infos]) for k in infos[0]}
 
     time_rng = _rng(seed, 3)
     hours = np.array(_SLOT_HOURS, dtype=np.int64)
@@ -1030,11 +1398,25 @@ def synthesize_checkins(
             "land_use": pd.array(city.land_use.astype(object), dtype="string"),
         }
     )
-    logger.info(
-        "synthesised %d check-ins of %d users at %d POIs over %d days in %.2fs",
-        len(checkins), num_users, num_locations, num_days, time.perf_counter() - t0,
+    anchor = info["anchor"]
+    users_table = pd.DataFrame(
+        {
+            "user_id": pd.array(user_ids, dtype="string"),
+            "archetype": pd.array(np.array(ARCHETYPES, dtype=object)[archetype], dtype="string"),
+            "home_location_id": pd.array(city.venue_ids[info["home"]], dtype="string"),
+            "anchor_location_id": pd.array(
+                np.where(anchor >= 0, city.venue_ids[np.maximum(anchor, 0)], None), dtype="string"
+            ),
+            "first_day": info["first_day"].astype(np.int64),
+            "last_day": info["last_day"].astype(np.int64),
+        }
     )
-    return SyntheticCheckins(checkins=checkins, pois=pois, neighbourhoods=city.neighbourhoods)
+    logger.info(
+        "synthesised %d check-ins of %d users (%s) at %d POIs over %d days in %.2fs",
+        len(checkins), num_users, ", ".join(f"{k} {v}" for k, v in users_table["archetype"].value_counts().items()),
+        num_locations, num_days, time.perf_counter() - t0,
+    )
+    return SyntheticCheckins(checkins=checkins, pois=pois, neighbourhoods=city.neighbourhoods, users=users_table)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -236,3 +236,133 @@ def test_write_dataset_is_atomic_and_refuses_foreign_folders(tmp_path):
     out2 = write_dataset(tmp_path / "sh", {"a": {"train": pa.table({"x": list(range(25))})}}, max_rows_per_shard=10)
     assert len(list((out2 / "data" / "a").glob("train-*.parquet"))) == 3
     assert load_dataset(str(out2), "a")["train"]["x"] == list(range(25))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The optional users table (the synthetic city's archetypes), carried from users.csv into the prepared dataset
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic_raw(tmp_path_factory):
+    from dataset_builders.synthetic import synthesize_checkins
+
+    city = synthesize_checkins(num_users=40, num_locations=150, num_days=40, seed=5)
+    return city, city.write_tsmc(tmp_path_factory.mktemp("raw"))
+
+
+def test_users_table_survives_prepare(synthetic_raw, tmp_path):
+    from dataset_builders.readers import read_dataset
+
+    city, paths = synthetic_raw
+    loaded = read_dataset("foursquare", paths["checkins"], locations_path=paths["pois"])  # users.csv found beside it
+    assert loaded.users is not None and len(loaded.users) == 40
+    assert str(paths["users"]) in loaded.metadata["source_files"]
+    assert loaded.account.step("read users users.csv").dropped == {}
+    assert loaded.users["first_day"].dtype == "Int64" and isinstance(loaded.users["archetype"].dtype, pd.StringDtype)
+    prepared = prepare_checkins(loaded, CheckinPreprocessConfig(min_user_visits=32, min_location_visits=5))
+    kept = set(pd.concat([t.to_pandas() for t in prepared.checkins.values()])["user_id"])
+    assert 30 <= len(kept) < 40  # the filters remove a few users
+    users = prepared.users.to_pandas()
+    # one row per user of the prepared check-ins, with the synthetic city's columns and values
+    assert users["user_id"].tolist() == sorted(kept)
+    assert list(users.columns) == list(city.users.columns)
+    truth = city.users.set_index("user_id")
+    assert (users["archetype"].to_numpy() == truth.loc[users["user_id"], "archetype"].to_numpy()).all()
+    assert (users["last_day"].to_numpy() == truth.loc[users["user_id"], "last_day"].to_numpy()).all()
+    assert users["anchor_location_id"].isna().sum() == (users["archetype"] == "visitor").sum() > 0
+    # users removed by the filters are counted, not silently lost
+    step = prepared.account.step("users table: users of the prepared check-ins")
+    assert step.rows_in == 40 and step.rows_kept == len(kept)
+    assert step.dropped == {"user_filtered_out": 40 - len(kept)}
+    assert step.notes == {"prepared_users_without_row": 0}
+    # published as the `users` config, read with the same table API as the other tables
+    out = write_prepared(prepared, tmp_path / "ds")
+    header = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert [c["config_name"] for c in header["configs"]] == ["samples", "checkins", "locations", "users"]
+    assert "`users`" in (out / "README.md").read_text() and "no model or baseline reads it" in (out / "README.md").read_text()
+    back = load_prepared(out)
+    assert back.table("users").equals(prepared.users)
+    assert load_dataset(str(out), "users")["train"].to_pandas().equals(users)
+    # every sample's user has a row: a report can group any split by archetype
+    test_users = set(back.table("samples", "test").column("user_id").to_pylist())
+    assert test_users <= set(users["user_id"])
+
+
+def test_users_table_unknown_duplicate_and_missing_ids(synthetic_raw, tmp_path):
+    from dataset_builders.readers import read_dataset
+    from dataset_builders.schema import DataValidationError
+
+    city, paths = synthetic_raw
+    ids = city.users["user_id"].tolist()
+    lines = ["user_id,archetype,shift_hours", f"{ids[0]},office_worker,8", f"  {ids[1]} ,student,7.5", "ghost,visitor,0",
+             "", f"{ids[0]},student,8", ",visitor,1", f"{ids[2]},night_shift_worker,"]
+    table = tmp_path / "people.csv"
+    table.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    loaded = read_dataset("foursquare", paths["checkins"], users_path=table)
+    step = loaded.account.step("read users people.csv")
+    assert step.rows_in == 7 and step.rows_kept == 3
+    assert step.dropped == {"blank_line": 1, "missing_user_id": 1, "duplicate_user_id": 1, "unknown_user": 1}
+    assert step.notes == {"checkin_users_without_row": len(set(city.checkins["user_id"])) - 3}
+    users = loaded.users
+    assert users["user_id"].tolist() == ids[:3]  # stripped, first row wins
+    assert users["archetype"].tolist() == ["office_worker", "student", "night_shift_worker"]
+    assert users["shift_hours"].dtype == "float64" and users["shift_hours"].isna().tolist() == [False, False, True]
+    # strict mode names the line of a repeated or missing id; unknown users are still only counted
+    with pytest.raises(DataValidationError, match="line 7"):
+        read_dataset("foursquare", paths["checkins"], users_path=table, on_error="raise")
+    repeated = tmp_path / "repeated.csv"
+    repeated.write_text(f"user_id\n{ids[0]}\n{ids[1]}\n{ids[0]}\n", encoding="utf-8")
+    with pytest.raises(DataValidationError, match=f"line 4: user id '{ids[0]}' appears twice"):
+        read_dataset("foursquare", paths["checkins"], users_path=repeated, on_error="raise")
+    ok = tmp_path / "ok.csv"
+    ok.write_text(f"user_id,archetype\n{ids[0]},office_worker\nghost,visitor\n", encoding="utf-8")
+    strict = read_dataset("foursquare", paths["checkins"], users_path=ok, on_error="raise")
+    assert strict.users["user_id"].tolist() == [ids[0]]
+    assert strict.account.step("read users ok.csv").dropped == {"unknown_user": 1}
+    # a hand-made table without user ids is an error when named explicitly
+    bad = tmp_path / "bad.csv"
+    bad.write_text("uid,archetype\nu1,visitor\n", encoding="utf-8")
+    with pytest.raises(DataValidationError, match="user_id"):
+        read_dataset("foursquare", paths["checkins"], users_path=bad)
+
+
+def test_users_table_is_optional(synthetic_raw, tmp_path):
+    from dataset_builders.readers import read_dataset
+
+    _, paths = synthetic_raw
+    # switched off: no table, no users config
+    loaded = read_dataset("foursquare", paths["checkins"], users_path=None)
+    assert loaded.users is None
+    assert not [s for s in loaded.account.steps if s.name.startswith("read users")]
+    prepared = prepare_checkins(loaded, CheckinPreprocessConfig(min_user_visits=10, min_location_visits=5))
+    assert prepared.users is None
+    out = write_prepared(prepared, tmp_path / "ds")
+    assert not (out / "data" / "users").exists()
+    with pytest.raises(ValueError, match="config 'users' has no split"):
+        load_prepared(out).table("users")
+    # auto: a users.csv beside the check-ins that is not a user table (no user_id) is left alone, with a warning
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    (folder / "checkins.txt").write_bytes(paths["checkins"].read_bytes())
+    (folder / "users.csv").write_text("name,age\nann,31\n", encoding="utf-8")
+    assert read_dataset("foursquare", folder / "checkins.txt").users is None
+    (folder / "users.csv").unlink()
+    assert read_dataset("foursquare", folder / "checkins.txt").users is None
+    # grids have no user table
+    with pytest.raises(ValueError, match="yjmob"):
+        read_dataset("yjmob", paths["checkins"], users_path=paths["users"])
+
+
+def test_prepare_checks_a_hand_made_users_table():
+    loaded = _city()
+    loaded.users = pd.DataFrame({"user_id": pd.array(["u1", "u1"], dtype="string"), "archetype": ["a", "b"]})
+    with pytest.raises(ValueError, match="repeats user ids"):
+        prepare_checkins(loaded, CheckinPreprocessConfig(min_user_visits=1, min_location_visits=1))
+    loaded.users = pd.DataFrame({"uid": ["u1"]})
+    with pytest.raises(ValueError, match="no user_id column"):
+        prepare_checkins(loaded, CheckinPreprocessConfig(min_user_visits=1, min_location_visits=1))
+    loaded.users = pd.DataFrame({"user_id": pd.array(["u1", "u2"], dtype="string"), "archetype": ["a", "b"]})
+    prepared = prepare_checkins(loaded, CheckinPreprocessConfig(min_user_visits=1, min_location_visits=1))
+    assert prepared.users.to_pandas()["user_id"].tolist() == ["u1", "u2"]
+    assert prepared.account.steps[-1].notes == {"prepared_users_without_row": 28}

@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 
 from dataset_builders.synthetic import (
+    ARCHETYPES,
     CATEGORY_HIERARCHY,
+    DEFAULT_ARCHETYPE_MIX,
     LAND_USE_COLOURS,
     LAND_USES,
     SyntheticCheckins,
@@ -115,14 +117,16 @@ def test_checkins_deterministic(tmp_path):
     a, b = synthesize_checkins(**SMALL, seed=3), synthesize_checkins(**SMALL, seed=3)
     pd.testing.assert_frame_equal(a.checkins, b.checkins)
     pd.testing.assert_frame_equal(a.pois, b.pois)
+    pd.testing.assert_frame_equal(a.users, b.users)
     pa, pb = a.write_tsmc(tmp_path / "a"), b.write_tsmc(tmp_path / "b")
-    assert set(pa) == {"checkins", "pois"}
+    assert set(pa) == {"checkins", "pois", "users"}
     for key in pa:
         assert pa[key].read_bytes() == pb[key].read_bytes()
     assert not list(tmp_path.glob("*/*.tmp"))
 
     other = synthesize_checkins(**SMALL, seed=4)
     assert not a.checkins.equals(other.checkins)
+    assert not a.users["archetype"].equals(other.users["archetype"])  # the seed also deals the archetypes
     pd.testing.assert_frame_equal(a.pois, synthesize_checkins(**SMALL, seed=4, city_seed=3).pois)
 
 
@@ -217,6 +221,205 @@ def test_small_city_edge_cases():
     shifted = synthesize_checkins(num_users=5, num_locations=60, num_days=3, start_date="2013-01-05")
     local = pd.to_datetime(shifted.checkins["timestamp"] - 240 * 60, unit="s")
     assert local.min() >= pd.Timestamp("2013-01-05") and local.max() < pd.Timestamp("2013-01-08")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# User archetypes and the users table
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _with_time(city: SyntheticCheckins) -> pd.DataFrame:
+    """The check-ins with the user's archetype, local hour, local day (since start_date), weekday and land use."""
+    c = city.checkins.merge(city.users[["user_id", "archetype"]], on="user_id", how="left")
+    local = c["timestamp"].to_numpy() + c["tz_offset_min"].to_numpy().astype(np.int64) * 60
+    start = (pd.Timestamp("2012-04-02") - pd.Timestamp("1970-01-01")) // pd.Timedelta(days=1)
+    land_use = city.pois.set_index("location_id")["land_use"].astype(str)
+    return c.assign(
+        hour=(local % 86400) // 3600,
+        day=local // 86400 - start,
+        weekday=(local // 86400 + 3) % 7,  # 1970-01-01 was a Thursday
+        land_use=c["location_id"].map(land_use).to_numpy(),
+    )
+
+
+def test_archetype_names_and_default_mix():
+    assert {"office_worker", "student", "night_shift_worker", "visitor"} <= set(ARCHETYPES)
+    assert all(name.isidentifier() and name == name.lower() for name in ARCHETYPES)
+    assert set(DEFAULT_ARCHETYPE_MIX) == set(ARCHETYPES)
+    assert sum(DEFAULT_ARCHETYPE_MIX.values()) == pytest.approx(1.0)
+    # office workers and students still dominate the city
+    assert DEFAULT_ARCHETYPE_MIX["office_worker"] + DEFAULT_ARCHETYPE_MIX["student"] >= 0.7
+
+
+def test_archetypes_drawn_in_the_requested_proportions(city):
+    counts = city.users["archetype"].value_counts().to_dict()
+    # 150 users: every archetype gets its share exactly; 7.5 + 7.5 round to 8 + 7 (largest remainder, first listed)
+    assert counts == {"office_worker": 75, "student": 30, "night_shift_worker": 15, "visitor": 15,
+                      "remote_worker": 8, "service_worker": 7}
+    # shuffled, not in blocks
+    first = city.users["archetype"].head(30)
+    assert first.nunique() >= 3
+    mix = {"office_worker": 0.3, "visitor": 0.7}
+    custom = synthesize_checkins(num_users=41, num_locations=120, num_days=14, archetype_mix=mix)
+    assert custom.users["archetype"].value_counts().to_dict() == {"visitor": 29, "office_worker": 12}
+    only = synthesize_checkins(num_users=5, num_locations=60, num_days=7, archetype_mix={"night_shift_worker": 1})
+    assert set(only.users["archetype"]) == {"night_shift_worker"}
+
+
+def test_users_table_lists_every_user_once(city):
+    u = city.users
+    assert list(u.columns) == ["user_id", "archetype", "home_location_id", "anchor_location_id", "first_day", "last_day"]
+    for col in ("user_id", "archetype", "home_location_id", "anchor_location_id"):
+        assert isinstance(u[col].dtype, pd.StringDtype), col
+    assert u["first_day"].dtype == np.int64 and u["last_day"].dtype == np.int64
+    assert u["user_id"].is_unique and len(u) == 150
+    assert u["user_id"].tolist() == [f"u{i:04d}" for i in range(1, 151)]
+    assert set(city.checkins["user_id"]) <= set(u["user_id"])
+    assert u["archetype"].isin(ARCHETYPES).all()
+    pois = city.pois.set_index("location_id")
+    assert u["home_location_id"].isin(pois.index).all()
+    visitor = (u["archetype"] == "visitor").to_numpy()
+    assert u.loc[visitor, "anchor_location_id"].isna().all()
+    assert u.loc[~visitor, "anchor_location_id"].isin(pois.index).all()
+    # homes are residences (a visitor's a rented apartment); anchors follow the archetype
+    assert (pois.loc[u["home_location_id"], "category"].map(CATEGORY_HIERARCHY) == "Residence").all()
+    assert (pois.loc[u.loc[visitor, "home_location_id"], "category"]
+            == "Residence > Residential Building (Apartment / Condo)").all()
+    anchor_leaf = u["anchor_location_id"].map(pois["category"].str.split(" > ").str[-1])
+    expected = {"office_worker": {"Office", "Coworking Space"}, "student": {"University", "College Academic Building"},
+                "remote_worker": {"Coworking Space"},
+                "night_shift_worker": {"Medical Center", "Train Station", "Bus Station", "Deli / Bodega",
+                                       "Fast Food Restaurant"}}
+    for name, leaves in expected.items():
+        assert anchor_leaf[u["archetype"] == name].isin(leaves).all(), name
+    # the stay: the whole window for residents, 3-7 days for visitors
+    assert (u.loc[~visitor, "first_day"] == 0).all() and (u.loc[~visitor, "last_day"] == 119).all()
+    stay = u["last_day"] - u["first_day"] + 1
+    assert stay[visitor].between(3, 7).all() and u["first_day"].min() >= 0 and u["last_day"].max() <= 119
+
+
+def test_users_file_and_determinism(tmp_path):
+    a = synthesize_checkins(**SMALL, seed=3)
+    path = a.write_tsmc(tmp_path / "a")["users"]
+    assert path.name == "users.csv"
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("user_id,archetype,home_location_id,anchor_location_id,first_day,last_day\n")
+    back = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert back["user_id"].tolist() == a.users["user_id"].tolist()
+    assert back["archetype"].tolist() == a.users["archetype"].tolist()
+    assert back["anchor_location_id"].tolist() == a.users["anchor_location_id"].fillna("").tolist()
+    assert back["first_day"].astype(int).tolist() == a.users["first_day"].tolist()
+    # the archetypes and the movements are the same whether users are simulated in one chunk or in several
+    big = synthesize_checkins(num_users=300, num_locations=60, num_days=3, seed=2)
+    assert big.users["archetype"].value_counts()["office_worker"] == 150
+    again = synthesize_checkins(num_users=300, num_locations=60, num_days=3, seed=2)
+    pd.testing.assert_frame_equal(big.users, again.users)
+    pd.testing.assert_frame_equal(big.checkins, again.checkins)
+
+
+def test_night_shift_workers_are_out_at_night(city):
+    c = _with_time(city)
+    night = (c["hour"] >= 21) | (c["hour"] < 6)
+    by = night.groupby(c["archetype"]).mean()
+    assert by["night_shift_worker"] > 0.55, by
+    assert by["office_worker"] < 0.2 and by["student"] < 0.2, by
+    # they sleep in the morning
+    morning = c["hour"].between(9, 13)
+    assert morning[c["archetype"] == "night_shift_worker"].mean() < 0.05
+    assert morning[c["archetype"] == "office_worker"].mean() > 0.2
+    # and work at their anchor at night, Sunday to Thursday nights (a shift after midnight is on Mon..Fri)
+    ns = c[c["archetype"] == "night_shift_worker"]
+    anchor = city.users.set_index("user_id")["anchor_location_id"]
+    at_anchor = ns[(ns["location_id"] == ns["user_id"].map(anchor)).fillna(False).to_numpy(dtype=bool)]
+    assert len(at_anchor) > 100
+    assert ((at_anchor["hour"] >= 21) | (at_anchor["hour"] < 6)).mean() > 0.9
+    after_midnight = at_anchor[at_anchor["hour"] < 6]
+    assert after_midnight["weekday"].isin([0, 1, 2, 3, 4]).mean() > 0.9
+
+
+def test_visitors_stay_briefly_and_explore(city):
+    c = _with_time(city)
+    u = city.users.set_index("user_id")
+    per_user = c.groupby("user_id").agg(
+        archetype=("archetype", "first"), n=("location_id", "size"), distinct=("location_id", "nunique"),
+        first=("day", "min"), last=("day", "max"),
+    )
+    per_user["span"] = per_user["last"] - per_user["first"] + 1
+    per_user["ratio"] = per_user["distinct"] / per_user["n"]
+    visitors = per_user[per_user["archetype"] == "visitor"]
+    office = per_user[per_user["archetype"] == "office_worker"]
+    assert len(visitors) == 15
+    # present only during the stay (plus the night after its last day)
+    assert (visitors["first"] >= u.loc[visitors.index, "first_day"]).all()
+    assert (visitors["last"] <= u.loc[visitors.index, "last_day"] + 1).all()
+    assert visitors["span"].max() <= 8 and office["span"].median() >= 100
+    # they check in often enough to survive the usual filters, at many distinct places
+    assert visitors["n"].median() >= 20
+    assert visitors["ratio"].median() > 0.4 and visitors["ratio"].median() > 2 * office["ratio"].median()
+    # no work anchor: hardly an office or a campus; sightseeing, shopping, food and nightlife instead
+    vc = c[c["archetype"] == "visitor"]
+    top = vc["category"].map(CATEGORY_HIERARCHY)
+    assert top.isin(["Professional & Other Places", "College & University"]).mean() < 0.05
+    leisure = ["Arts & Entertainment", "Food", "Nightlife Spot", "Shops & Service", "Outdoors & Recreation"]
+    assert top.isin(leisure).mean() > 0.5
+    assert (top == "Arts & Entertainment").mean() > 2 * (
+        c.loc[c["archetype"] == "office_worker", "category"].map(CATEGORY_HIERARCHY) == "Arts & Entertainment").mean()
+
+
+def test_workers_and_students_go_to_their_districts(city):
+    c = _with_time(city)
+    working = (c["weekday"] < 5) & (c["hour"].between(10, 11) | c["hour"].between(14, 16))
+    w = c[working]
+    office_lu = (w["land_use"] == "office").groupby(w["archetype"]).mean()
+    campus_lu = (w["land_use"] == "campus").groupby(w["archetype"]).mean()
+    assert office_lu["office_worker"] > 0.5 and office_lu["student"] < 0.15, office_lu
+    assert campus_lu["student"] > 0.5 and campus_lu["office_worker"] < 0.15, campus_lu
+    # remote workers stay near home; office workers commute
+    pois = city.pois.set_index("location_id")
+    home = pois.loc[w["user_id"].map(city.users.set_index("user_id")["home_location_id"])]
+    km = pd.Series(np.hypot((w["latitude"].to_numpy() - home["latitude"].to_numpy()) * 110.574,
+                            (w["longitude"].to_numpy() - home["longitude"].to_numpy()) * 84.3), index=w.index)
+    from_home = km.groupby(w["archetype"]).median()
+    assert from_home["remote_worker"] < 0.5 * from_home["office_worker"], from_home
+    assert from_home["office_worker"] > 3.0, from_home
+    # office workers go to their anchor on weekdays; service workers on Wednesday to Sunday (Monday and Tuesday are 2/7
+    # of the days; a service worker anchored at a café or shop still goes there now and then on a day off)
+    anchor = city.users.set_index("user_id")["anchor_location_id"]
+    at_anchor = c[(c["location_id"] == c["user_id"].map(anchor)).fillna(False).to_numpy(dtype=bool)]
+    office = at_anchor[at_anchor["archetype"] == "office_worker"]
+    assert office["weekday"].isin([5, 6]).mean() < 0.1 and office["hour"].between(8, 17).mean() > 0.9
+    service = at_anchor[at_anchor["archetype"] == "service_worker"]
+    assert len(service) > 100
+    assert service["weekday"].isin([0, 1]).mean() < 0.15 and service["hour"].between(12, 20).mean() > 0.8
+
+
+def test_archetype_anchor_falls_back_in_a_small_city():
+    # 20 POIs rarely have a hospital or a campus: those archetypes then anchor at an office, and still work nights
+    small = synthesize_checkins(num_users=6, num_locations=20, num_days=5,
+                                archetype_mix={"night_shift_worker": 0.5, "student": 0.5})
+    assert small.users["anchor_location_id"].isin(small.pois["location_id"]).all()
+    assert set(small.users["archetype"]) == {"night_shift_worker", "student"}
+
+
+@pytest.mark.parametrize(
+    ("mix", "match"),
+    [
+        ({"astronaut": 1.0}, "unknown archetype"),
+        ({"office_worker": 0.6}, "sum to 1"),
+        ({"office_worker": 0.5, "student": 0.6}, "sum to 1"),
+        ({"office_worker": 1.2, "student": -0.2}, ">= 0"),
+        ({"office_worker": float("nan"), "student": 1.0}, ">= 0"),
+        ({"office_worker": "1"}, "number"),
+        ({"office_worker": True}, "number"),
+        ({}, "non-empty dict"),
+        ("office_worker", "non-empty dict"),
+        ([("office_worker", 1.0)], "non-empty dict"),
+    ],
+)
+def test_bad_archetype_mix(mix, match):
+    with pytest.raises(ValueError, match="archetype_mix") as err:
+        synthesize_checkins(num_users=3, num_locations=20, num_days=2, archetype_mix=mix)
+    assert err.match(match)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -5,16 +5,19 @@ from dataset_builders.readers import read_dataset
 
 loaded = read_dataset("foursquare", "dataset_TSMC2014_NYC.txt")
 loaded.checkins, loaded.locations, loaded.account
+loaded.users  # the optional user table (a users.csv beside the check-ins), else None
 ```
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import Literal
 
-from ..schema import OnError, RowAccount
-from .base import DEFAULT_CHUNKSIZE, LoadedCheckins, LoadedGrid, read_location_table
+from ..schema import DataValidationError, OnError, RowAccount
+from .base import DEFAULT_CHUNKSIZE, LoadedCheckins, LoadedGrid, read_location_table, read_user_table
 from .csv import parse_column_mapping, read_csv_checkins
 from .foursquare import read_foursquare
 from .gowalla import read_gowalla
@@ -30,10 +33,15 @@ __all__ = [
     "read_foursquare",
     "read_gowalla",
     "read_location_table",
+    "read_user_table",
     "read_yjmob",
 ]
 
+logger = logging.getLogger(__name__)
+
 FORMATS = ("foursquare", "gowalla", "yjmob", "csv")
+#: The user table looked for beside the check-in file (``users_path="auto"``), as written by the synthetic city.
+USERS_FILE = "users.csv"
 
 
 def read_dataset(
@@ -49,6 +57,7 @@ def read_dataset(
     header: bool = True,
     location_columns: str | dict[str, str] | None = None,
     timestamp_format: str | None = None,
+    users_path: str | os.PathLike | Literal["auto"] | None = "auto",
 ) -> LoadedCheckins | LoadedGrid:
     """Read ``path`` in ``format`` (one of :data:`FORMATS`) into canonical tables with a row account.
 
@@ -57,6 +66,13 @@ def read_dataset(
     table (``location_columns`` maps the location table separately). ``header=False`` reads csv check-ins and the
     location table without a header line, naming columns by position (``"0"``, ``"1"``, ...);
     ``timestamp_format`` is a ``strftime`` format for csv time strings.
+
+    ``users_path`` names an optional user table for check-in formats: ``user_id`` plus any columns, e.g. the
+    ``archetype`` of the synthetic city's users (see :func:`read_user_table`). By default (``"auto"``) a
+    ``users.csv`` in the folder of ``path`` is read when there is one with a ``user_id`` column; ``None`` reads none.
+    Its ids must be the check-ins' canonical user ids: rows of unknown users are dropped and counted in the account
+    (``unknown_user``). It lands in ``loaded.users`` and, through preprocessing, in the prepared dataset's ``users``
+    table; it is descriptive only (reports group results by it) and no model or baseline reads it.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
@@ -65,6 +81,8 @@ def read_dataset(
     if format == "yjmob":
         if locations_path is not None:
             raise ValueError("--locations does not apply to the yjmob grid format")
+        if users_path not in ("auto", None):
+            raise ValueError("a user table does not apply to the yjmob grid format")
         sized = {} if chunksize is None else {"chunksize": chunksize}  # else the grid reader's larger default
         return read_yjmob(path, on_error=on_error, encoding=encoding, grid_size=grid_size, account=account, **sized)
     if format != "csv" and (not header or timestamp_format):
@@ -87,4 +105,18 @@ def read_dataset(
         loaded = read_csv_checkins(path, columns=mapping, header=header, timestamp_format=timestamp_format, **kwargs)
     if locations_path is not None:
         loaded.metadata["source_files"].append(str(Path(locations_path)))
+    auto = isinstance(users_path, str) and users_path == "auto"
+    users_file = Path(path).parent / USERS_FILE if auto else (None if users_path is None else Path(users_path))
+    if users_file is not None and auto and (not users_file.is_file() or users_file.resolve() == Path(path).resolve()):
+        users_file = None
+    if users_file is not None:
+        try:
+            loaded.users = read_user_table(users_file, known_users=loaded.checkins["user_id"], on_error=on_error,
+                                           account=account)
+        except DataValidationError as err:
+            if not (auto and err.column == "user_id" and err.line is None):
+                raise
+            logger.warning("%s has no user_id column; it is not read as the user table (%s)", users_file, err)
+        else:
+            loaded.metadata["source_files"].append(str(users_file))
     return loaded

@@ -16,7 +16,15 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..schema import DataValidationError, OnError, RowAccount, check_on_error, validate_checkins, validate_locations
+from ..schema import (
+    DataValidationError,
+    OnError,
+    RowAccount,
+    check_on_error,
+    validate_checkins,
+    validate_locations,
+    validate_users,
+)
 
 __all__ = [
     "DEFAULT_CHUNKSIZE",
@@ -28,6 +36,7 @@ __all__ = [
     "positional_names",
     "read_checkin_file",
     "read_location_table",
+    "read_user_table",
     "resolve_encoding",
     "to_epoch_seconds",
 ]
@@ -41,12 +50,18 @@ _EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
 
 @dataclass
 class LoadedCheckins:
-    """Canonical check-ins and locations read from a source, with the row account and provenance metadata."""
+    """Canonical check-ins and locations read from a source, with the row account and provenance metadata.
+
+    ``users`` is the optional user table (``user_id`` plus free columns, e.g. the synthetic city's ``archetype``;
+    :func:`read_user_table`), restricted to users of ``checkins``; ``None`` when the source has none. It is descriptive
+    only: preprocessing carries it into the prepared dataset, and no model or baseline reads it.
+    """
 
     checkins: pd.DataFrame
     locations: pd.DataFrame
     account: RowAccount
     metadata: dict[str, Any] = field(default_factory=dict)
+    users: pd.DataFrame | None = None
 
     kind = "checkins"
 
@@ -394,6 +409,96 @@ def read_location_table(
         table = table.loc[~dup].reset_index(drop=True)
     if account is not None:
         account.add(f"read locations {path.name}", rows_in, len(table), dropped, notes)
+    return table
+
+
+def read_user_table(
+    path: str | os.PathLike,
+    *,
+    known_users: pd.Series | np.ndarray | None = None,
+    encoding: str | None = None,
+    on_error: OnError = "drop",
+    account: RowAccount | None = None,
+) -> pd.DataFrame:
+    """Read an optional user table (CSV, TSV or Parquet with a header): ``user_id`` plus any columns, e.g. the
+    ``users.csv`` of the synthetic city (``archetype``, ``home_location_id``, ...).
+
+    Ids are stripped strings, matched exactly against the canonical ``user_id`` of the check-ins (``known_users``).
+    Rows are dropped and counted in the account step ``read users <file>``: blank lines (``blank_line``), rows without
+    an id (``missing_user_id``; an error with ``on_error="raise"``), repeated ids (``duplicate_user_id``, the first row
+    wins; an error with ``on_error="raise"``) and, in both modes, ids that are not among ``known_users``
+    (``unknown_user``, logged with examples). Check-in users without a row are counted in the notes
+    (``checkin_users_without_row``). Columns other than ``user_id`` whose every value is a number become ``Int64``
+    (all integers) or ``float64``, unless their name ends in ``_id``; the others are strings (missing values: NA).
+
+    Returns:
+        `pd.DataFrame`: the kept rows, in file order, with ``user_id`` first.
+    """
+    check_on_error(on_error)
+    path = Path(path)
+    frames = []
+    dropped: dict[str, int] = {}
+    rows_in = 0
+    for chunk, lines in iter_table_chunks(path, sep=default_sep(path), header=True, encoding=encoding,
+                                          on_error=on_error, account_dropped=dropped):
+        rows_in += len(chunk)
+        blank = blank_rows(chunk)
+        if blank.any():
+            dropped["blank_line"] = dropped.get("blank_line", 0) + int(blank.sum())
+            chunk, lines = chunk.loc[~blank], lines[~blank]
+        if "user_id" not in chunk.columns:
+            raise DataValidationError(
+                f"{path}: missing column 'user_id'; have {list(chunk.columns)}", file=str(path), column="user_id",
+                expected="a header with a user_id column",
+            )
+        chunk = chunk.assign(user_id=chunk["user_id"].astype("string").str.strip(), _line=lines)
+        chunk, d = validate_users(chunk, on_error=on_error, file=str(path), lines=lines)
+        for k, v in d.items():
+            dropped[k] = dropped.get(k, 0) + v
+        frames.append(chunk)
+    rows_in += dropped.get("wrong_field_count", 0)  # lines the tolerant parser skipped were never yielded
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["user_id", "_line"])
+    table["user_id"] = table["user_id"].astype("string")
+    dup = table["user_id"].duplicated(keep="first").to_numpy()
+    if dup.any():
+        if on_error == "raise":
+            pos = int(np.flatnonzero(dup)[0])
+            raise DataValidationError(
+                f"{path}, line {int(table['_line'].iloc[pos])}: user id {table['user_id'].iloc[pos]!r} appears twice; "
+                "expected one row per user (use on_error='drop' to keep the first and count the rest)",
+                file=str(path), line=int(table["_line"].iloc[pos]), column="user_id", value=table["user_id"].iloc[pos],
+                expected="one row per user id",
+            )
+        dropped["duplicate_user_id"] = int(dup.sum())
+        table = table.loc[~dup]
+    notes: dict[str, Any] = {}
+    if known_users is not None:
+        known = pd.Index(pd.unique(pd.Series(np.asarray(known_users, dtype=object)).astype("string")))
+        unknown = ~table["user_id"].isin(known).to_numpy()
+        if unknown.any():
+            examples = table.loc[unknown, "user_id"].head(3).tolist()
+            logger.warning("%s: %d user id(s) have no check-ins (e.g. %s); they are left out of the user table",
+                           path, int(unknown.sum()), examples)
+            dropped["unknown_user"] = int(unknown.sum())
+            table = table.loc[~unknown]
+        notes["checkin_users_without_row"] = int((~known.isin(table["user_id"])).sum())
+    table = table.drop(columns="_line").reset_index(drop=True)
+    for col in table.columns:
+        if col == "user_id":
+            continue
+        if col.endswith("_id") or pd.api.types.is_numeric_dtype(table[col]):
+            table[col] = table[col] if pd.api.types.is_numeric_dtype(table[col]) else table[col].astype("string")
+            continue
+        values = table[col]
+        numbers = pd.to_numeric(values, errors="coerce")
+        if values.notna().any() and numbers.notna().sum() == values.notna().sum():
+            whole = numbers.dropna()
+            table[col] = numbers.astype("Int64") if (whole == np.floor(whole)).all() else numbers.astype("float64")
+        else:
+            table[col] = values.astype("string")
+    table = table[["user_id", *[c for c in table.columns if c != "user_id"]]]
+    if account is not None:
+        account.add(f"read users {path.name}", rows_in, len(table), dropped, notes)
     return table
 
 
