@@ -147,6 +147,13 @@ def test_tiny_run_trains_saves_and_evaluates(tiny_run, small_city_dir):
     assert again["inference"]["samples"] == 25
     sub = again["results"]["nextlocmoe"]
     assert 0.0 <= sub["acc@10"] <= 1.0
+    # per-city normalisation on the training city uses the same statistics, so the same predictions; write=False
+    # leaves the run's metrics.json alone
+    before = (out / "metrics.json").read_text()
+    same = evaluate_nextlocmoe(out, small_city_dir, max_samples=25, normalize_per_city=True, write=False)
+    assert same["results"]["nextlocmoe"] == sub
+    assert same["normalization"]["per_city"] and same["normalization"]["coord_mean"] == info["coord_mean"]
+    assert (out / "metrics.json").read_text() == before
 
 
 def test_cli_train_and_evaluate(tiny_run, small_city_dir, tmp_path, capsys):

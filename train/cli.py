@@ -215,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         "GEO-BLEU (N=5 and N=3) and DTW for grids. Prints a table and writes JSON.",
     )
     ev.add_argument("run_dir", nargs="?", type=Path, default=None,
-                    help="a run folder from `mobility train sft` to score beside the baselines (leave out to score "
-                    "only baselines)")
+                    help="a run folder of `mobility train sft|mhsa|nextlocmoe` to score beside the baselines (leave "
+                    "out to score only baselines)")
     ev.add_argument("--num-beams", type=int, default=20,
                     help="with RUN_DIR: beams of the constrained beam search, the largest k of Acc@k (default 20)")
     ev.add_argument("--batch-size", type=int, default=32, help="with RUN_DIR: prompts per generate call (default 32)")
@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--predictions", type=Path, default=None,
                     help="with a Llama-3-8B-Mob RUN_DIR: score this uid,d,t,x,y CSV (from `mobility predict`) "
                     "instead of predicting again")
+    ev.add_argument("--normalize-per-city", action="store_true",
+                    help="with a NextLocMoE RUN_DIR: z-score coordinates with this dataset's own statistics (zero-shot "
+                    "transfer to another city)")
     ev.add_argument("--free-decoding", action="store_true",
                     help="with a Llama-3-8B-Mob RUN_DIR: decode freely as the paper does (default: grammar-constrained)")
 
@@ -524,7 +527,8 @@ def _evaluate(args) -> None:
         from .nextlocmoe import evaluate_nextlocmoe
 
         report = evaluate_nextlocmoe(args.run_dir, args.data, split=args.split, max_samples=args.max_samples,
-                                     progress=not args.quiet)
+                                     progress=not args.quiet, normalize_per_city=args.normalize_per_city,
+                                     write=args.out is None)
         print(f"{args.run_dir} beside the baselines on {args.data} ({args.split} split, every location ranked by "
               "distance from the predicted point):\n")
         print(format_results_table(report))

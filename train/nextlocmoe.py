@@ -624,8 +624,7 @@ def _train(data_dir, output_dir, recipe: NextLocMoERecipe) -> NextLocMoETraining
     train = train_all.subset(_random_rows(len(train_all), recipe.max_train_samples, recipe.seed))
     validation = validation_all.subset(_random_rows(len(validation_all), recipe.max_validation_samples, recipe.seed + 1))
     # normalisation statistics of the training targets (the paper fixes them per dataset)
-    coord_mean = train_all.target_xy.mean(axis=0)
-    coord_std = np.maximum(train_all.target_xy.std(axis=0), 1.0)
+    coord_mean, coord_std = _coordinate_statistics(data)
 
     set_seed(recipe.seed)
     model, source = build_model(recipe, coord_mean, coord_std, progress=recipe.progress)
@@ -742,6 +741,8 @@ def evaluate_nextlocmoe(
     model: NextLocMoEForNextLocation | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    normalize_per_city: bool = False,
+    write: bool = True,
 ) -> dict:
     """Predict the next point of every sample of `split`, rank every location of the table by its distance from it
     (KD-tree), and score beside the baselines on the same samples.
@@ -760,6 +761,12 @@ def evaluate_nextlocmoe(
         model (`NextLocMoEForNextLocation`, *optional*): use this model instead of loading `run_dir/model`.
         device (`str` or `torch.device`, *optional*): where to run (default: CUDA when available, else CPU).
         progress (`bool`, *optional*, defaults to `False`): a progress bar over the batches.
+        normalize_per_city (`bool`, *optional*, defaults to `False`): z-score coordinates with the statistics of this
+            dataset's training targets instead of those the model was trained with (zero-shot transfer to another
+            city: the model sees every city in its own normalised frame; no label of the new city is used). The
+            report records the statistics used.
+        write (`bool`, *optional*, defaults to `True`): write the report to `run_dir/metrics.json` and refresh the
+            run's `run_info.json` and model card (turn off to score another city without touching the run).
     """
     run = Path(run_dir)
     info_file = run / "run_info.json"
@@ -780,6 +787,32 @@ def evaluate_nextlocmoe(
     config = model.config
     samples = build_nextlocmoe_samples(data, split, history_length=config.history_length,
                                        current_length=config.current_length)
+    trained_stats = (list(config.coord_mean), list(config.coord_std))
+    if normalize_per_city:
+        mean, std = _coordinate_statistics(data)
+        config.coord_mean, config.coord_std = [float(v) for v in mean], [float(v) for v in std]
+    try:
+        return _score(run, info, data, split, samples, model, batch_size, max_samples, progress, trained_stats,
+                      normalize_per_city, write)
+    finally:
+        config.coord_mean, config.coord_std = trained_stats
+
+
+def _coordinate_statistics(data: PreparedDataset) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (metres, at least 1 m) of the training targets' Web-Mercator coordinates."""
+    _, loc_xy = _location_xy(data)
+    targets = data.table("samples", "train").column("target_location_id").combine_chunks().cast(pa.string())
+    ids = pa.array([str(v) for v in data.table("locations").column("location_id").to_pylist()], type=pa.string())
+    index = _index_of(targets, ids)
+    if len(index) == 0 or (index < 0).any():
+        raise ValueError(f"{data.path}: the training targets give no coordinate statistics")
+    xy = loc_xy[index]
+    return xy.mean(axis=0), np.maximum(xy.std(axis=0), 1.0)
+
+
+def _score(run, info, data, split, samples, model, batch_size, max_samples, progress, trained_stats,
+           normalize_per_city, write) -> dict:
+    config = model.config
     if len(samples) == 0:
         raise ValueError(f"{data.path}: split {split!r} has no samples")
     if max_samples is not None:
@@ -852,11 +885,15 @@ def evaluate_nextlocmoe(
         inference={"samples": n, "seconds": round(seconds, 4), "forward_seconds": round(forward_seconds, 4),
                    "predictions_per_second": round(n / seconds, 1) if seconds > 0 else None, "device": str(device),
                    "max_samples": max_samples},
+        normalization={"per_city": bool(normalize_per_city), "coord_mean": list(config.coord_mean),
+                       "coord_std": list(config.coord_std), "trained_coord_mean": trained_stats[0],
+                       "trained_coord_std": trained_stats[1]},
     )
-    write_json_atomic(report, run / "metrics.json")
-    info.setdefault("metrics", {})[split] = model_res
-    write_json_atomic(info, info_file)
-    _write_card(run, info, report)
+    if write:
+        write_json_atomic(report, run / "metrics.json")
+        info.setdefault("metrics", {})[split] = model_res
+        write_json_atomic(info, run / "run_info.json")
+        _write_card(run, info, report)
     logger.info("NextLocMoE on %s: acc@1 %.4f, acc@10 %.4f, mean distance %.0f m over %d samples", split,
                 model_res["acc@1"], model_res["acc@10"], model_res["distance_m"], n)
     return report
