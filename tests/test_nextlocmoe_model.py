@@ -176,7 +176,7 @@ def test_outputs_shapes_and_loss():
     torch.testing.assert_close(no_labels.xy, out.xy)
     as_tuple = model(**batch, labels=labels, return_dict=False)
     torch.testing.assert_close(as_tuple[0], out.loss)
-    assert len(as_tuple) == 8
+    assert len(as_tuple) == 9
 
 
 def test_router_statistics_match_a_hand_computation():
@@ -197,6 +197,8 @@ def test_router_statistics_match_a_hand_computation():
         per_sample.append(torch.stack([moe.routing_weights[i][token_mask[i]].mean(0) for i in range(4)]))
     torch.testing.assert_close(out.router_entropy, torch.stack(entropies).mean())
     torch.testing.assert_close(out.expert_load, torch.stack(loads))
+    balance = [11 * (load * moe.router_probs[token_mask].mean(0)).sum() for load, moe in zip(loads, model.moe_mlps())]
+    torch.testing.assert_close(out.load_balance, torch.stack(balance).mean())
     torch.testing.assert_close(out.role_weights, torch.stack(per_sample).mean(0))
     assert 0 < float(out.router_entropy) < math.log(11)
     # a router that cannot tell the experts apart: uniform probabilities, entropy log(E); threshold routing keeps
@@ -208,6 +210,14 @@ def test_router_statistics_match_a_hand_computation():
         out = model(**batch)
     torch.testing.assert_close(out.router_entropy, torch.tensor(math.log(11)))
     torch.testing.assert_close(out.expert_load, torch.tensor([[0.2] * 5 + [0.0] * 6] * 2))
+    torch.testing.assert_close(out.load_balance, torch.tensor(1.0))  # 11 * 5 * (0.2 * 1/11)
+    # the balance term enters the loss with its weight (and not at all with the paper's weight 0)
+    labels = torch.zeros(4, 2)
+    with torch.no_grad():
+        plain = model(**batch, labels=labels).loss
+        model.config.load_balance_weight = 50.0
+        weighted = model(**batch, labels=labels).loss
+    torch.testing.assert_close(weighted - plain, torch.tensor(50.0), rtol=1e-4, atol=1e-3)
 
 
 def test_router_equals_the_concatenated_fusion_mlp():

@@ -162,8 +162,8 @@ class NextLocMoERecipe:
             its tokens go through every layer of the backbone for every sample, so a shorter one is cheaper).
         location_dim, time_dim, duration_dim, tcn_levels, tcn_kernel_size, tcn_dropout, function_top_k,
         router_hidden_size, lora_rank, lora_alpha, lora_dropout, routing, routing_threshold, max_experts,
-        routing_top_k, entropy_weight: see `NextLocMoEConfig` (paper: 128, 16, 16, 5, 4, 0.1, 2, 128, 16, 16, 0.02,
-            threshold, 0.8, 5, 2, 300).
+        routing_top_k, entropy_weight, load_balance_weight: see `NextLocMoEConfig` (paper: 128, 16, 16, 5, 4, 0.1, 2,
+            128, 16, 16, 0.02, threshold, 0.8, 5, 2, 300, 0).
         max_train_samples (`int`, *optional*): train on a random subset of this many training samples (the published
             code keeps every 20th window; on CPU the subset bounds the cost).
         max_validation_samples (`int`, *optional*): validation samples used for the per-epoch loss.
@@ -206,6 +206,7 @@ class NextLocMoERecipe:
     max_experts: int = 5
     routing_top_k: int = 2
     entropy_weight: float = 300.0
+    load_balance_weight: float = 0.0
     max_train_samples: int | None = None
     max_validation_samples: int | None = None
     batch_size: int = 32
@@ -238,7 +239,7 @@ class NextLocMoERecipe:
                 raise ValueError(f"recipe key `{name}` must be a positive integer or null, got {value!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"recipe key `learning_rate` must be > 0, got {self.learning_rate!r}")
-        for name in ("weight_decay", "warmup_ratio", "max_grad_norm", "entropy_weight"):
+        for name in ("weight_decay", "warmup_ratio", "max_grad_norm", "entropy_weight", "load_balance_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"recipe key `{name}` must be >= 0, got {getattr(self, name)!r}")
         if self.lr_scheduler_type not in _SCHEDULERS:
@@ -261,7 +262,8 @@ class NextLocMoERecipe:
         """The architecture keys, as `NextLocMoEConfig` arguments."""
         keys = ("history_length", "current_length", "location_dim", "time_dim", "duration_dim", "tcn_levels",
                 "tcn_kernel_size", "tcn_dropout", "function_top_k", "router_hidden_size", "lora_rank", "lora_alpha",
-                "lora_dropout", "routing", "routing_threshold", "max_experts", "routing_top_k", "entropy_weight")
+                "lora_dropout", "routing", "routing_threshold", "max_experts", "routing_top_k", "entropy_weight",
+                "load_balance_weight")
         kwargs = {k: getattr(self, k) for k in keys}
         kwargs["moe_layers"] = self.moe_layer_list()
         return kwargs

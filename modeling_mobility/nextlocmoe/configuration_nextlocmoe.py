@@ -178,6 +178,13 @@ class NextLocMoEConfig(PreTrainedConfig):
             Experts per token of top-k routing.
         entropy_weight (`float`, *optional*, defaults to 300.0):
             Weight of the mean router entropy in the loss (pushes the router towards confident routing).
+        load_balance_weight (`float`, *optional*, defaults to 0.0):
+            Weight of a Switch-Transformer-style load-balancing term (number of experts x sum over experts of the
+            mean routing weight (held constant) times the mean router probability; 1 when balanced), averaged over the
+            MoE layers. The paper has none (0, the default). An hf-mobility choice for short training runs: the LoRA
+            updates start at zero, so all experts are equal and, at first, only the entropy term moves the router, which
+            then collapses onto one expert for every token (only that expert ever trains); a small weight keeps
+            different tokens on different experts while the entropy term keeps each token's routing confident.
         coord_mean (`list[float]`, *optional*, defaults to `[0.0, 0.0]`):
             Mean of the (x, y) Web-Mercator coordinates in metres, for z-scoring (set from the training split).
         coord_std (`list[float]`, *optional*, defaults to `[1000.0, 1000.0]`):
@@ -239,6 +246,7 @@ class NextLocMoEConfig(PreTrainedConfig):
         max_experts: int = 5,
         routing_top_k: int = 2,
         entropy_weight: float = 300.0,
+        load_balance_weight: float = 0.0,
         coord_mean: list[float] | tuple[float, float] = (0.0, 0.0),
         coord_std: list[float] | tuple[float, float] = (1000.0, 1000.0),
         duration_min_hours: float = 0.1,
@@ -324,6 +332,7 @@ class NextLocMoEConfig(PreTrainedConfig):
                 f"`routing_top_k` ({self.routing_top_k}) must be <= the number of role experts ({num_roles})."
             )
         self.entropy_weight = _check_float("entropy_weight", entropy_weight, minimum=0.0)
+        self.load_balance_weight = _check_float("load_balance_weight", load_balance_weight, minimum=0.0)
 
         self.coord_mean = _check_pair("coord_mean", coord_mean)
         self.coord_std = _check_pair("coord_std", coord_std, positive=True)

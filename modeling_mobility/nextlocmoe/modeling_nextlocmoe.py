@@ -141,7 +141,8 @@ class NextLocMoEOutput(ModelOutput):
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*):
             Mean Euclidean distance (metres) between predicted and true coordinates + `config.entropy_weight` x
-            `router_entropy` (returned when `labels` is given).
+            `router_entropy` (+ `config.load_balance_weight` x `load_balance` when that weight is set; returned when
+            `labels` is given).
         distance (`torch.FloatTensor` of shape `(batch_size,)`, *optional*):
             Euclidean distance (metres) of each prediction to its label (returned when `labels` is given).
         xy (`torch.FloatTensor` of shape `(batch_size, 2)`):
@@ -151,6 +152,9 @@ class NextLocMoEOutput(ModelOutput):
         router_entropy (`torch.FloatTensor` of shape `()`):
             Entropy of the personalised routers' softmax, averaged over the real tokens of the batch and over the MoE
             layers.
+        load_balance (`torch.FloatTensor` of shape `()`):
+            The load-balancing term (1 when every expert gets the same routing mass and probability, up to the number
+            of experts when one expert takes everything), averaged over the MoE layers.
         expert_load (`torch.FloatTensor` of shape `(num_moe_layers, num_roles)`):
             Mean routing weight of each persona expert over the real tokens of the batch, per MoE layer.
         role_weights (`torch.FloatTensor` of shape `(batch_size, num_roles)`):
@@ -166,6 +170,7 @@ class NextLocMoEOutput(ModelOutput):
     xy: torch.FloatTensor | None = None
     duration: torch.FloatTensor | None = None
     router_entropy: torch.FloatTensor | None = None
+    load_balance: torch.FloatTensor | None = None
     expert_load: torch.FloatTensor | None = None
     role_weights: torch.FloatTensor | None = None
     function_weights: torch.FloatTensor | None = None
@@ -339,6 +344,7 @@ class PersonalizedMoEMLP(nn.Module):
         self._summary: torch.Tensor | None = None
         self._token_mask: torch.Tensor | None = None
         self.router_entropy: torch.Tensor | None = None
+        self.load_balance: torch.Tensor | None = None
         self.router_probs: torch.Tensor | None = None
         self.routing_weights: torch.Tensor | None = None
 
@@ -384,8 +390,11 @@ class PersonalizedMoEMLP(nn.Module):
         weights = self.route(probs)  # (N, E)
         if real.numel():
             self.router_entropy = -(probs * log_probs).sum(-1).mean()
+            # Switch-style balance: E * sum_e (mean routing weight, held constant) * (mean router probability)
+            self.load_balance = self.num_experts * (weights.detach().mean(0) * probs.mean(0)).sum()
         else:
             self.router_entropy = logits.sum() * 0.0
+            self.load_balance = logits.sum() * 0.0
 
         base_gate = self.gate_proj(tokens)  # (N, I): shared by all experts
         base_up = self.up_proj(tokens)
@@ -845,6 +854,7 @@ class NextLocMoEForNextLocation(NextLocMoEPreTrainedModel):
         # router statistics over the real tokens
         real = token_mask.float()[..., None]  # (B, L, 1)
         router_entropy = torch.stack([moe.router_entropy for moe in moes]).mean()
+        load_balance = torch.stack([moe.load_balance for moe in moes]).mean()
         weights = torch.stack([moe.routing_weights for moe in moes])  # (M, B, L, E)
         expert_load = (weights * real).sum((1, 2)) / real.sum().clamp_min(1.0)  # (M, E)
         role_weights = ((weights * real).sum(2) / real.sum(1).clamp_min(1.0)).mean(0)  # (B, E)
@@ -853,6 +863,8 @@ class NextLocMoEForNextLocation(NextLocMoEPreTrainedModel):
         if labels is not None:
             distance = torch.linalg.vector_norm(xy - labels.float(), dim=-1)  # (B,)
             loss = distance.mean() + config.entropy_weight * router_entropy
+            if config.load_balance_weight:
+                loss = loss + config.load_balance_weight * load_balance
 
         output = NextLocMoEOutput(
             loss=loss,
@@ -860,6 +872,7 @@ class NextLocMoEForNextLocation(NextLocMoEPreTrainedModel):
             xy=xy,
             duration=duration,
             router_entropy=router_entropy,
+            load_balance=load_balance,
             expert_load=expert_load,
             role_weights=role_weights,
             function_weights=function_weights,
