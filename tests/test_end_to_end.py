@@ -66,10 +66,11 @@ def test_grid_city_through_the_cli(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_writes_report_and_plots(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_MOBILITY_HOME", str(tmp_path / "home"))
+def test_demo_writes_report_and_plots(tmp_path, monkeypatch, offline_home):
+    monkeypatch.setenv("HF_MOBILITY_HOME", str(offline_home))  # NextLocMoE's SmolLM2, prepared once per session
     assert main(["-q", "demo", "--out", str(tmp_path / "demo"), "--users", "40", "--sft-steps", "6",
-                 "--eval-samples", "16", "--mhsa-epochs", "1", "--llamamob-steps", "2"]) == 0
+                 "--eval-samples", "16", "--mhsa-epochs", "1", "--llamamob-steps", "2",
+                 "--nextlocmoe-samples", "64"]) == 0
     report = (tmp_path / "demo" / "report.md").read_text()
     for name in ("city_map.png", "category_hours.png", "baselines.png", "grid_density.png",
                  "location_tokenizer/codebook_usage.png", "location_tokenizer/first_code_map.png",
@@ -107,6 +108,18 @@ def test_demo_writes_report_and_plots(tmp_path, monkeypatch):
     assert "Constrained decoding:" in report and "llamamob_smollm.yaml" in report  # a 2-step model falls short
     assert "## Llama-3-8B-Mob" in report and "Second city" in report and "sft/llamamob/training_curve.png" in report
     assert (tmp_path / "demo" / "sft" / "llamamob" / "training_curve.png").stat().st_size > 10_000
+    # NextLocMoE beside the baselines and MHSA on every test sample, routing per archetype, zero-shot second city
+    nl = json.loads((tmp_path / "demo" / "metrics_nextlocmoe.json").read_text())
+    for city in ("city", "second_city"):
+        res = nl[city]["results"]
+        assert list(res)[0] == "nextlocmoe" and "markov" in res and "nearest" in res
+        assert len({r["num_samples"] for r in res.values()}) == 1 and res["nextlocmoe"]["distance_m"] > 0
+    assert nl["second_city"]["normalization"]["per_city"]
+    by_archetype = nl["city"]["routing"]["by_archetype"]
+    assert {"office_worker", "student"} <= set(by_archetype)
+    assert "## NextLocMoE" in report and "| mhsa-id |" in report.split("## NextLocMoE")[1]
+    assert "Zero-shot on a second city" in report and "(nextlocmoe_routing.png)" in report
+    assert (tmp_path / "demo" / "nextlocmoe_routing.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow

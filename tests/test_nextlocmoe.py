@@ -165,3 +165,18 @@ def test_cli_train_and_evaluate(tiny_run, small_city_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "m.json").read_text())["results"]["nextlocmoe"]["acc@1"] >= 0
     with pytest.raises(SystemExit):
         main(["train", "nextlocmoe", "--no-such-option", "1"])
+
+
+def test_demo_routing_summary_by_hand():
+    from train.demo import _routing_summary
+
+    routing = {"roles": ["a", "b", "c"], "overall": [0.5, 0.3, 0.2], "by_archetype": {
+        "office_worker": {"samples": 100, "weights": [0.7, 0.2, 0.1]},
+        "student": {"samples": 50, "weights": [0.1, 0.3, 0.6]},
+        "visitor": {"samples": 3, "weights": [0.0, 0.0, 1.0]},  # too few samples to be compared
+    }}
+    rows, spread = _routing_summary(routing)
+    assert rows[0] == "| office_worker | 100 | a 0.70, b 0.20, c 0.10 |"
+    assert rows[1] == "| student | 50 | c 0.60, b 0.30, a 0.10 |"
+    assert len(rows) == 3
+    assert spread == pytest.approx(0.5 * (0.6 + 0.1 + 0.5))

@@ -308,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="skip Llama-3-8B-Mob on the grid city (instructions, SFT, prediction, second city)")
     demo.add_argument("--llamamob-steps", type=int, default=None,
                       help="Llama-3-8B-Mob: training steps (default: the demo recipe's)")
+    demo.add_argument("--nextlocmoe-samples", type=int, default=None,
+                      help="NextLocMoE: training samples (default: the demo recipe's max_train_samples)")
+    demo.add_argument("--no-nextlocmoe", action="store_true",
+                      help="skip NextLocMoE (SmolLM2 backbone, two mixtures of experts; and its zero-shot second city)")
     return parser
 
 
@@ -600,14 +604,16 @@ def _models(args) -> None:
 def _demo(args) -> None:
     from .demo import run_demo
 
-    for name, minimum in (("sft_steps", 1), ("eval_samples", 0), ("mhsa_epochs", 1), ("llamamob_steps", 1)):
+    for name, minimum in (("sft_steps", 1), ("eval_samples", 0), ("mhsa_epochs", 1), ("llamamob_steps", 1),
+                          ("nextlocmoe_samples", 1)):
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
     report = run_demo(args.out, seed=args.seed, num_users=args.users, qtmob=not args.no_qtmob,
                       sft_steps=args.sft_steps, eval_samples=args.eval_samples or None, calliper=not args.no_calliper,
                       mhsa_epochs=args.mhsa_epochs, llamamob=not args.no_llamamob,
-                      llamamob_steps=args.llamamob_steps)
+                      llamamob_steps=args.llamamob_steps, nextlocmoe=not args.no_nextlocmoe,
+                      nextlocmoe_samples=args.nextlocmoe_samples)
     print(report.read_text(encoding="utf-8"))
     print(f"\nreport: {report}")
 
