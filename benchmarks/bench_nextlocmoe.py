@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
 
     n = inference["samples"]
     rows = [
-        ["NextLocMoE", f"{info['backbone']} ({info['num_backbone_layers']} layers, MoE in {info['moe_layers']})",
+        ["NextLocMoE", f"{Path(str(info['backbone'])).name} ({info['num_backbone_layers']} layers, MoE in {info['moe_layers']})",
          f"{info['trainable_parameters']:,} / {info['parameters']:,}", f"{info['train_samples_per_second']:.1f}",
          f"{n / inference['forward_seconds']:.1f}", f"{n / nlm_seconds:.1f}"],
         ["QT-Mob", qt_what, "-", "-", "-", f"{n / qt_seconds:.2f}"],

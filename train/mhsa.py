@@ -60,7 +60,7 @@ from modeling_mobility.mhsa import MHSAConfig, MHSAForNextLocation
 from .baselines import nearest_location_ranks
 from .evaluate import evaluate_baselines, format_results_table, write_json_atomic, write_text_atomic
 from .metrics import ranking_metrics, ranks_from_scores
-from .recipe import coerce_fields, read_recipe
+from .recipe import add_recipe_arguments, coerce_fields, read_recipe
 
 __all__ = [
     "MHSARecipe",
@@ -908,15 +908,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "dataset, with learned location IDs or frozen CaLLiPer embeddings, then evaluate it beside the baselines.",
         allow_abbrev=False,
     )
-    parser.add_argument("--config", type=Path, default=None, help="YAML recipe (e.g. train/recipes/mhsa_demo.yaml)")
-    defaults = MHSARecipe()
     helps = {"data": "prepared check-in dataset folder", "output_dir": "run folder (created)",
              "location_encoder": "'id' or a CaLLiPer output folder"}
-    for f in dataclasses.fields(MHSARecipe):
-        names = {f"--{f.name}", f"--{f.name.replace('_', '-')}"}
-        parser.add_argument(*sorted(names, key=lambda n: "_" in n), dest=f.name, default=argparse.SUPPRESS,
-                            metavar=f.name.upper(),
-                            help=f"{helps.get(f.name, f.type)} (default: {getattr(defaults, f.name)})")
+    add_recipe_arguments(parser, MHSARecipe, helps)
     return parser
 
 

@@ -59,7 +59,7 @@ from .baselines import nearest_location_ranks
 from .evaluate import evaluate_baselines, format_results_table, write_json_atomic, write_text_atomic
 from .metrics import ranking_metrics
 from .mhsa import _location_columns, _save_model, _ThroughputCallback
-from .recipe import coerce_fields, read_recipe
+from .recipe import add_recipe_arguments, coerce_fields, read_recipe
 
 __all__ = [
     "FUNCTION_DESCRIPTIONS",
@@ -998,16 +998,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "experts) on a prepared check-in dataset, then evaluate it beside the baselines.",
         allow_abbrev=False,
     )
-    parser.add_argument("--config", type=Path, default=None,
-                        help="YAML recipe (e.g. train/recipes/nextlocmoe_demo.yaml)")
-    defaults = NextLocMoERecipe()
     helps = {"data": "prepared check-in dataset folder", "output_dir": "run folder (created)",
              "backbone": "causal LM: a folder, an offline alias, a Hub id, or 'tiny'"}
-    for f in dataclasses.fields(NextLocMoERecipe):
-        names = {f"--{f.name}", f"--{f.name.replace('_', '-')}"}
-        parser.add_argument(*sorted(names, key=lambda n: "_" in n), dest=f.name, default=argparse.SUPPRESS,
-                            metavar=f.name.upper(),
-                            help=f"{helps.get(f.name, f.type)} (default: {getattr(defaults, f.name)})")
+    add_recipe_arguments(parser, NextLocMoERecipe, helps)
     return parser
 
 

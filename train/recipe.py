@@ -7,6 +7,7 @@ strings. :func:`coerce_field` converts a value to the field's annotated type wit
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["coerce_field", "coerce_fields", "read_recipe"]
+__all__ = ["add_recipe_arguments", "coerce_field", "coerce_fields", "read_recipe"]
 
 _NULLS = ("null", "none", "~", "")
 _TRUE = ("true", "yes", "1", "y")
@@ -95,3 +96,17 @@ def read_recipe(cls: type[R], path: str | os.PathLike | None = None, overrides: 
         where = f" in {path}" if path is not None else ""
         raise ValueError(f"unknown recipe keys {unknown}{where}; allowed keys: {', '.join(allowed)}")
     return cls(**values)
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str] | None = None) -> None:
+    """Add `--config RECIPE.yaml` and one `--key value` option per field of the recipe dataclass `cls` (spelled with
+    dashes or underscores) to `parser`; options left out do not appear in the parsed namespace (`SUPPRESS`), so the
+    recipe file's values stand. `helps` gives the help text of some fields (default: the field's type)."""
+    parser.add_argument("--config", type=Path, default=None, help="YAML recipe (e.g. train/recipes/*_demo.yaml)")
+    defaults = cls()
+    helps = helps or {}
+    for f in dataclasses.fields(cls):
+        names = {f"--{f.name}", f"--{f.name.replace('_', '-')}"}
+        parser.add_argument(*sorted(names, key=lambda n: "_" in n), dest=f.name, default=argparse.SUPPRESS,
+                            metavar=f.name.upper(),
+                            help=f"{helps.get(f.name, f.type)} (default: {getattr(defaults, f.name)})")
