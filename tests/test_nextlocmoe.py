@@ -90,6 +90,12 @@ def test_recipe_validation():
     with pytest.raises(ValueError, match="unknown|allowed"):
         load_recipe(no_such_key=1)
     assert load_recipe(moe_layers="1, 3").moe_layer_list() == [1, 3]
+    from train.nextlocmoe import main, parse_recipe
+
+    with pytest.raises(ValueError, match="--output-dir"):
+        main(["--data", "somewhere"])
+    recipe = parse_recipe(["--config", "train/recipes/nextlocmoe_demo.yaml", "--max-epochs", "7", "--moe_layers", "0,1"])
+    assert recipe.max_epochs == 7 and recipe.moe_layer_list() == [0, 1] and recipe.load_balance_weight == 100
     paper = load_recipe("train/recipes/nextlocmoe_paper.yaml")
     assert paper.moe_layer_list() == [8, 10] and paper.num_backbone_layers == 12 and paper.entropy_weight == 300
 

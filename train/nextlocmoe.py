@@ -59,7 +59,7 @@ from .baselines import nearest_location_ranks
 from .evaluate import evaluate_baselines, format_results_table, write_json_atomic, write_text_atomic
 from .metrics import ranking_metrics
 from .mhsa import _location_columns, _save_model, _ThroughputCallback
-from .recipe import add_recipe_arguments, coerce_fields, read_recipe
+from .recipe import add_recipe_arguments, coerce_fields, parse_recipe_args, read_recipe
 
 __all__ = [
     "FUNCTION_DESCRIPTIONS",
@@ -1004,20 +1004,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_recipe(argv: list[str] | None = None) -> NextLocMoERecipe:
-    args = build_parser().parse_args(argv)
-    values = vars(args)
-    config = values.pop("config")
-    return load_recipe(config, **values)
+def parse_recipe(argv: list[str] | None = None, *, required: bool = False) -> NextLocMoERecipe:
+    """Parse `argv` into a [`NextLocMoERecipe`] (YAML recipe first, then the command-line overrides); `required=True` also
+    demands `--data` and `--output-dir`."""
+    needed = {"data": "a prepared check-in dataset folder", "output_dir": "the run folder"} if required else None
+    return parse_recipe_args(build_parser(), NextLocMoERecipe, argv, needed)
 
 
 def main(argv: list[str] | None = None) -> Path:
     """Parse `argv`, train (and evaluate, unless `--evaluate false`), print the results table; returns the run."""
-    recipe = parse_recipe(argv)
-    if not recipe.data:
-        raise ValueError("--data (a prepared check-in dataset folder) is required")
-    if not recipe.output_dir:
-        raise ValueError("--output-dir (the run folder) is required")
+    recipe = parse_recipe(argv, required=True)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = train_nextlocmoe(recipe.data, recipe.output_dir, recipe=recipe)
     info = result.run_info

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["add_recipe_arguments", "coerce_field", "coerce_fields", "read_recipe"]
+__all__ = ["add_recipe_arguments", "coerce_field", "coerce_fields", "parse_recipe_args", "read_recipe"]
 
 _NULLS = ("null", "none", "~", "")
 _TRUE = ("true", "yes", "1", "y")
@@ -110,3 +110,16 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, cls: type, helps: dict
         parser.add_argument(*sorted(names, key=lambda n: "_" in n), dest=f.name, default=argparse.SUPPRESS,
                             metavar=f.name.upper(),
                             help=f"{helps.get(f.name, f.type)} (default: {getattr(defaults, f.name)})")
+
+
+def parse_recipe_args(parser: argparse.ArgumentParser, cls: type[R], argv: list[str] | None = None,
+                      required: dict[str, str] | None = None) -> R:
+    """Parse `argv` with a parser of [`add_recipe_arguments`] into a `cls` recipe (the YAML recipe first, then the
+    command-line overrides); `required` maps recipe keys that must be set to what the error says they are."""
+    values = vars(parser.parse_args(argv))
+    config = values.pop("config")
+    recipe = read_recipe(cls, config, values)
+    for key, what in (required or {}).items():
+        if not getattr(recipe, key):
+            raise ValueError(f"--{key.replace('_', '-')} ({what}) is required")
+    return recipe
