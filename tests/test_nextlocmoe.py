@@ -120,7 +120,8 @@ def tiny_run(small_city_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("nlm") / "run"
     result = train_nextlocmoe(small_city_dir, out, backbone="tiny", history_length=8, current_length=3,
                               location_dim=16, time_dim=4, duration_dim=4, tcn_levels=2, router_hidden_size=16,
-                              lora_rank=4, lora_alpha=4, max_epochs=2, batch_size=32, learning_rate=3e-3,
+                              lora_rank=4, lora_alpha=4, load_balance_weight=5.0, max_epochs=2, batch_size=32,
+                              learning_rate=3e-3,
                               warmup_ratio=0.0, progress=False)
     return result
 
@@ -147,6 +148,7 @@ def test_tiny_run_trains_saves_and_evaluates(tiny_run, small_city_dir):
     assert abs(sum(report["routing"]["overall"]) - 1.0) < 1e-3
     card = (out / "README.md").read_text()
     assert "Mean distance" in card and "arXiv 2505.24597" in card
+    assert "load-balancing term (weight 5" in card  # the deviation from the paper is stated
 
     # a reload from the folder scores the first 25 samples, and the baselines the same 25
     again = evaluate_nextlocmoe(out, small_city_dir, max_samples=25)

@@ -681,10 +681,12 @@ def _train(data_dir, output_dir, recipe: NextLocMoERecipe) -> NextLocMoETraining
     info = {
         "method": "nextlocmoe",
         "name": "nextlocmoe",
-        "backbone": source,
+        "backbone": recipe.backbone,  # as the user named it (an alias or Hub id; no local path in a shared card)
+        "backbone_source": source,
         "num_backbone_layers": model.config.backbone_config.num_hidden_layers,
         "moe_layers": list(model.config.moe_layers),
         "routing": model.config.routing,
+        "load_balance_weight": model.config.load_balance_weight,
         "data": str(data.path.resolve()),
         "num_locations": int(data.table("locations").num_rows),
         "train_samples": len(train),
@@ -939,7 +941,10 @@ def build_model_card(info: dict, metrics: dict | None = None, recipe: str | None
         "Differences from the published code: the cumulative-probability routing follows the paper's rule (sorted "
         "probabilities, the smallest prefix reaching the threshold, at most `max_experts`, renormalised; the code "
         "fires nearly every expert), attention gets a real causal mask, AdamW with the recipe's schedule replaces "
-        "Adam with ReduceLROnPlateau, and the TCN has no weight norm.",
+        "Adam with ReduceLROnPlateau, and the TCN has no weight norm."
+        + (f" The loss adds a load-balancing term (weight {info['load_balance_weight']:g}, an hf-mobility choice that "
+           "the paper does not have): with the paper's loss alone the router sent every token to one expert."
+           if info.get("load_balance_weight") else ""),
         "",
         "## Training",
         "",
