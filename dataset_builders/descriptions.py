@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
-__all__ = ["EARTH_RADIUS_M", "build_descriptions", "format_distance", "unit_xyz"]
+__all__ = ["EARTH_RADIUS_M", "build_descriptions", "format_distance", "great_circle_m", "unit_xyz"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,14 @@ def unit_xyz(lat_deg: np.ndarray, lon_deg: np.ndarray) -> np.ndarray:
 def _chord_to_arc(chord: np.ndarray) -> np.ndarray:
     """Great-circle distance (metres) from the straight-line distance between two points on the sphere."""
     return 2.0 * EARTH_RADIUS_M * np.arcsin(np.clip(chord / (2.0 * EARTH_RADIUS_M), 0.0, 1.0))
+
+
+def great_circle_m(lat1_deg, lon1_deg, lat2_deg, lon2_deg) -> np.ndarray:
+    """Great-circle distance in metres between paired points (degrees), elementwise."""
+    chord = np.linalg.norm(unit_xyz(np.asarray(lat1_deg, dtype=np.float64), np.asarray(lon1_deg, dtype=np.float64))
+                           - unit_xyz(np.asarray(lat2_deg, dtype=np.float64), np.asarray(lon2_deg, dtype=np.float64)),
+                           axis=1)
+    return _chord_to_arc(chord)
 
 
 def _arc_to_chord(arc: float) -> float:

@@ -201,3 +201,13 @@ def test_synthetic_city_descriptions_are_distinct():
     assert out["description"].str.len().max() < 600
     # Deterministic.
     assert build_descriptions(city.pois).equals(out)
+
+
+def test_great_circle_m_known_values():
+    from dataset_builders.descriptions import EARTH_RADIUS_M, great_circle_m
+
+    d = great_circle_m([0.0, 40.0, 10.0], [0.0, -74.0, 20.0], [1.0, 40.0, 10.0], [0.0, -74.0, 20.0])
+    assert d[0] == pytest.approx(EARTH_RADIUS_M * np.pi / 180, rel=1e-9)  # one degree of latitude
+    assert d[1] == 0.0 and d[2] == 0.0
+    # a quarter of the equator
+    assert great_circle_m([0.0], [0.0], [0.0], [90.0])[0] == pytest.approx(EARTH_RADIUS_M * np.pi / 2, rel=1e-9)

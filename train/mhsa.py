@@ -323,9 +323,10 @@ def build_mhsa_samples(
 
 
 class _IndexDataset(torch.utils.data.Dataset):
-    """Sample positions as examples; [`_collate`] gathers and pads the whole batch at once from the flat arrays."""
+    """Sample positions as examples; [`_collate`] gathers and pads the whole batch at once with `samples.batch(rows)`
+    (any samples object with `__len__` and `batch`: [`MHSASamples`], `train.nextlocmoe.NextLocMoESamples`)."""
 
-    def __init__(self, samples: MHSASamples):
+    def __init__(self, samples):
         self.samples = samples
 
     def __len__(self) -> int:

@@ -51,6 +51,7 @@ import yaml
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
 
+from dataset_builders.descriptions import great_circle_m
 from dataset_builders.preprocess import local_time_features
 from dataset_builders.publish import PreparedDataset, load_prepared
 from modeling_mobility.nextlocmoe import NextLocMoEConfig, NextLocMoEForNextLocation
@@ -58,7 +59,7 @@ from modeling_mobility.nextlocmoe import NextLocMoEConfig, NextLocMoEForNextLoca
 from .baselines import nearest_location_ranks
 from .evaluate import evaluate_baselines, format_results_table, write_json_atomic, write_text_atomic
 from .metrics import ranking_metrics
-from .mhsa import _location_columns, _save_model, _ThroughputCallback
+from .mhsa import _collate, _index_of, _IndexDataset, _location_columns, _save_model, _ThroughputCallback
 from .recipe import add_recipe_arguments, coerce_fields, parse_recipe_args, read_recipe
 
 __all__ = [
@@ -130,12 +131,6 @@ def _inverse_mercator(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lon = np.degrees(xy[:, 0] / EARTH_RADIUS_M)
     lat = np.degrees(2 * np.arctan(np.exp(xy[:, 1] / EARTH_RADIUS_M)) - np.pi / 2)
     return lon, lat
-
-
-def _haversine_m(lon1, lat1, lon2, lat2) -> np.ndarray:
-    lon1, lat1, lon2, lat2 = (np.radians(np.asarray(v, dtype=np.float64)) for v in (lon1, lat1, lon2, lat2))
-    a = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
-    return 2 * 6_371_008.8 * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -342,11 +337,6 @@ def _location_xy(data: PreparedDataset) -> tuple[list[str], np.ndarray]:
     return ids, mercator_xy(lon, lat)
 
 
-def _index_of(values: pa.Array, vocabulary: pa.Array) -> np.ndarray:
-    found = pc.index_in(values, value_set=vocabulary)
-    return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
 def build_nextlocmoe_samples(
     data: PreparedDataset, split: str, *, history_length: int = 40, current_length: int = 5
 ) -> NextLocMoESamples:
@@ -444,21 +434,6 @@ def build_nextlocmoe_samples(
         target_seen=table.column("target_seen").to_numpy(zero_copy_only=False).astype(bool),
         last_index=np.where(valid[:, -1], loc[:, -1], -1),
     )
-
-
-class _IndexDataset(torch.utils.data.Dataset):
-    def __init__(self, samples: NextLocMoESamples):
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"row": int(index), "samples": self.samples}
-
-
-def _collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return features[0]["samples"].batch([f["row"] for f in features])
 
 
 def _random_rows(n: int, limit: int | None, seed: int) -> np.ndarray:
@@ -847,8 +822,8 @@ def _score(run, info, data, split, samples, model, batch_size, max_samples, prog
     seconds = time.perf_counter() - start
     pred_lon, pred_lat = _inverse_mercator(pred)
     locs = _location_columns(data, location_ids)
-    dist = _haversine_m(pred_lon, pred_lat, locs["longitude"][samples.target_index],
-                        locs["latitude"][samples.target_index])
+    dist = great_circle_m(pred_lat, pred_lon, locs["latitude"][samples.target_index],
+                          locs["longitude"][samples.target_index])
     unseen = ~samples.target_seen
 
     def scored(r: np.ndarray, d: np.ndarray | None) -> dict:
@@ -866,8 +841,8 @@ def _score(run, info, data, split, samples, model, batch_size, max_samples, prog
     last = np.where(has_last, samples.last_index, 0)
     nearest = nearest_location_ranks(last, samples.target_index, locs["latitude"], locs["longitude"])
     nearest[~has_last] = np.inf
-    nearest_dist = _haversine_m(locs["longitude"][last], locs["latitude"][last],
-                                locs["longitude"][samples.target_index], locs["latitude"][samples.target_index])
+    nearest_dist = great_circle_m(locs["latitude"][last], locs["longitude"][last],
+                                  locs["latitude"][samples.target_index], locs["longitude"][samples.target_index])
     nearest_res = scored(nearest, nearest_dist)
     if unseen.any():
         nearest_res["unseen"] = scored(nearest[unseen], nearest_dist[unseen])
