@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .readers.base import LoadedCheckins, LoadedGrid
+from .readers.base import CHECKIN_COLUMNS, LoadedCheckins, LoadedGrid
 from .readers.yjmob import sorted_by_user_day_slot
 from .schema import HIDDEN_CELL, RowAccount
 
@@ -42,6 +42,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+# check-in columns that are not carried into the prepared ``checkins`` tables (location attributes, reader internals)
+_NOT_CARRIED = ("category", "name", "address", "_line")
 
 
 def local_time_features(timestamp: np.ndarray, tz_offset_min: np.ndarray | int = 0, day0_weekday: int = 3):
@@ -175,6 +177,9 @@ def prepare_checkins(loaded: LoadedCheckins, config: CheckinPreprocessConfig | N
     ``history_tz_offset_min``, ``target_location_id``, ``target_timestamp``, ``target_tz_offset_min``,
     ``target_seen`` (false when the target was held out by the inductive split).
 
+    The prepared ``checkins`` tables hold the canonical columns, then every other column of ``loaded.checkins`` (the
+    extra columns a CSV source keeps, e.g. ``weather``; recorded in the metadata's ``extra_checkin_columns``) as it is.
+
     When ``loaded.users`` is set, its rows of users that the filters removed are dropped and counted (step ``users
     table``, reason ``user_filtered_out``; users of the prepared check-ins without a row are counted in its notes),
     and the rest become :attr:`PreparedCheckins.users`.
@@ -291,7 +296,9 @@ def prepare_checkins(loaded: LoadedCheckins, config: CheckinPreprocessConfig | N
         {f"{name}_samples": samples[name].num_rows for name in SPLITS},
     )
 
-    # check-in tables per split; in the inductive setting, held-out locations vanish from train and validation
+    # check-in tables per split (canonical columns, then the source's extra ones, e.g. a CSV's weather); in the
+    # inductive setting, held-out locations vanish from train and validation
+    extra_columns = [c for c in df.columns if c not in CHECKIN_COLUMNS and c not in _NOT_CARRIED]
     checkin_tables: dict[str, pa.Table] = {}
     held_row = heldout[loc_codes]
     removed = 0
@@ -300,7 +307,7 @@ def prepare_checkins(loaded: LoadedCheckins, config: CheckinPreprocessConfig | N
         if heldout.any() and name != "test":
             removed += int((sel & held_row).sum())
             sel &= ~held_row
-        sub = df.loc[sel, ["user_id", "location_id", "timestamp", "tz_offset_min", "latitude", "longitude"]]
+        sub = df.loc[sel, [*CHECKIN_COLUMNS, *extra_columns]]
         checkin_tables[name] = _arrow(sub)
     if heldout.any():
         account.add("inductive: remove held-out check-ins from train/validation", n, n - removed,
@@ -333,6 +340,7 @@ def prepare_checkins(loaded: LoadedCheckins, config: CheckinPreprocessConfig | N
         num_heldout_locations=int(heldout.sum()),
         num_checkins=n,
         day0_weekday=day0_weekday,
+        extra_checkin_columns=[str(c) for c in extra_columns],
     )
     return PreparedCheckins(
         samples=samples,

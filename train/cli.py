@@ -240,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "transfer to another city)")
     ev.add_argument("--free-decoding", action="store_true",
                     help="with a Llama-3-8B-Mob RUN_DIR: decode freely as the paper does (default: grammar-constrained)")
+    ev.add_argument("--slice-by", action="append", default=None, metavar="COLUMN",
+                    help="check-ins: also report the metrics per value of this column of the target check-in (e.g. "
+                    "weather, an extra column of a CSV source; or a location column such as category); repeat it or "
+                    "separate columns by commas. Long-tail targets (bottom 20%% of locations by training visits) are "
+                    "always reported")
 
     pr = sub.add_parser(
         "predict",
@@ -498,6 +503,15 @@ def _evaluate(args) -> None:
     from .evaluate import evaluate_baselines, evaluate_run, format_results_table, write_json_atomic
 
     method = _run_method(args.run_dir) if args.run_dir is not None else None
+    slice_by = [c.strip() for item in args.slice_by or [] for c in item.split(",") if c.strip()] or None
+    if args.slice_by is not None and slice_by is None:
+        raise ValueError("--slice-by needs a column name, e.g. --slice-by weather")
+    if slice_by is not None:
+        from dataset_builders.publish import load_prepared
+
+        if method == "llamamob-sft" or load_prepared(args.data).kind != "checkins":
+            raise ValueError("--slice-by applies to check-in data only: grid samples have no check-in columns to "
+                             "slice by")
     if args.predictions is not None and method != "llamamob-sft":
         raise ValueError("--predictions needs the run folder of a Llama-3-8B-Mob run (`mobility train sft` on "
                          "humob-qa rows)")
@@ -520,7 +534,7 @@ def _evaluate(args) -> None:
     if method == "mhsa":
         from .mhsa import evaluate_mhsa
 
-        report = evaluate_mhsa(args.run_dir, args.data, split=args.split)
+        report = evaluate_mhsa(args.run_dir, args.data, split=args.split, slice_by=slice_by)
         print(f"{args.run_dir} beside the baselines on {args.data} ({args.split} split, every location ranked):\n")
         print(format_results_table(report))
         if args.out is not None:
@@ -532,7 +546,7 @@ def _evaluate(args) -> None:
 
         report = evaluate_nextlocmoe(args.run_dir, args.data, split=args.split, max_samples=args.max_samples,
                                      progress=not args.quiet, normalize_per_city=args.normalize_per_city,
-                                     write=args.out is None)
+                                     write=args.out is None, slice_by=slice_by)
         print(f"{args.run_dir} beside the baselines on {args.data} ({args.split} split, every location ranked by "
               "distance from the predicted point):\n")
         print(format_results_table(report))
@@ -545,14 +559,14 @@ def _evaluate(args) -> None:
     if args.run_dir is not None:
         report = evaluate_run(args.run_dir, args.data, split=args.split, num_beams=args.num_beams,
                               batch_size=args.batch_size, instructions=args.instructions, max_samples=args.max_samples,
-                              decoder=args.decoder, progress=not args.quiet)
+                              decoder=args.decoder, progress=not args.quiet, slice_by=slice_by)
         print(f"{args.run_dir} beside the baselines on {args.data} ({args.split} split, {args.num_beams} beams):\n")
         print(format_results_table(report))
         if args.out is not None:
             write_json_atomic(report, args.out)
         print(f"\nwrote {args.out or args.run_dir / 'metrics.json'}")
         return
-    report = evaluate_baselines(args.data, args.baseline, split=args.split)
+    report = evaluate_baselines(args.data, args.baseline, split=args.split, slice_by=slice_by)
     print(f"{report['kind']} baselines on {args.data} ({args.split} split):\n")
     print(format_results_table(report))
     out = args.out or (args.data / "metrics.json")

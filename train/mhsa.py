@@ -672,6 +672,7 @@ def evaluate_mhsa(
     batch_size: int = 512,
     model: MHSAForNextLocation | None = None,
     device: str | torch.device | None = None,
+    slice_by: str | list[str] | None = None,
 ) -> dict:
     """Rank every location of the table for every sample of `split`, score with the baselines beside the model.
 
@@ -681,7 +682,8 @@ def evaluate_mhsa(
     last visited location, `train.baselines.nearest_location_ranks`). Metrics over all samples, in `"unseen"` over
     the samples whose target is an unseen (held-out) location when the split has any, and in `"unseen_candidates"`
     over the same samples with only the held-out locations as candidates (the model and `nearest`: "given that the
-    next place is a new one, which one?").
+    next place is a new one, which one?"). Every result (model, baselines, `nearest`) also has `"slices"`: the metrics
+    on the long-tail targets and on each value of each `slice_by` check-in column (`train.evaluate.sample_slices`).
 
     Args:
         run_dir (`str` or `os.PathLike`): a run folder of [`train_mhsa`] (`model/` and `run_info.json`).
@@ -691,12 +693,16 @@ def evaluate_mhsa(
         model (`MHSAForNextLocation`, *optional*): use this model instead of loading `run_dir/model`.
         device (`str` or `torch.device`, *optional*): where to score (default: the model's device when `model` is
             given, else CUDA when available, else CPU).
+        slice_by (`str` or `list[str]`, *optional*): check-in column(s) to slice the metrics by, e.g.
+            `"weather"` (`mobility evaluate --slice-by`).
 
     Returns:
         `dict`: `{"data", "split", "kind", "results": {model_name: metrics, baseline: metrics, ...}, "run",
         "location_encoder", "inference"}`; also written to `run_dir/metrics.json`, and the run's model card is
         refreshed with the metrics table.
     """
+    from .evaluate import sample_slices, slice_metrics
+
     run = Path(run_dir)
     info_file = run / "run_info.json"
     if not info_file.is_file():
@@ -727,6 +733,7 @@ def evaluate_mhsa(
                                  max_history=recipe_max_history)
     if len(samples) == 0:
         raise ValueError(f"{data.path}: split {split!r} has no samples")
+    slices = sample_slices(data, split, samples.sample_ids, slice_by)  # before scoring: a bad column fails fast
     device = next(model.parameters()).device
     mask = model.candidate_mask.cpu().numpy()
     unseen = ~samples.target_seen
@@ -757,7 +764,8 @@ def evaluate_mhsa(
         model_res["unseen"] = ranking_metrics(ranks[unseen])
     if among_unseen:
         model_res["unseen_candidates"] = ranking_metrics(among[unseen])
-    report = evaluate_baselines(data, "all", split=split, sample_ids=samples.sample_ids)
+    model_res["slices"] = slice_metrics(ranks, slices)
+    report = evaluate_baselines(data, "all", split=split, sample_ids=samples.sample_ids, slice_by=slice_by)
     last = samples.history_index[samples.offsets[1:] - 1]
     nearest = nearest_location_ranks(last, samples.target_index, locations["latitude"], locations["longitude"])
     nearest_res = ranking_metrics(nearest)
@@ -767,6 +775,7 @@ def evaluate_mhsa(
             nearest_res["unseen_candidates"] = ranking_metrics(nearest_location_ranks(
                 last[unseen], samples.target_index[unseen], locations["latitude"], locations["longitude"], heldout
             ))
+    nearest_res["slices"] = slice_metrics(nearest, slices)
     name = info.get("name", "mhsa")
     report["results"] = {name: model_res, **report["results"], "nearest": nearest_res}
     report.update(

@@ -722,13 +722,16 @@ def evaluate_nextlocmoe(
     progress: bool = False,
     normalize_per_city: bool = False,
     write: bool = True,
+    slice_by: str | list[str] | None = None,
 ) -> dict:
     """Predict the next point of every sample of `split`, rank every location of the table by its distance from it
     (KD-tree), and score beside the baselines on the same samples.
 
     Besides the ranking metrics: `distance_m` (mean great-circle distance between the predicted point and the target,
     metres) and `median_distance_m`. The report's `routing` holds the mean role-expert weights overall and, when the
-    dataset has a `users` table with an `archetype` column (the synthetic city), per archetype.
+    dataset has a `users` table with an `archetype` column (the synthetic city), per archetype. Every result (model,
+    baselines, `nearest`) has `"slices"`: the ranking metrics on the long-tail targets and on each value of each
+    `slice_by` check-in column (`train.evaluate.sample_slices`).
 
     Args:
         run_dir (`str` or `os.PathLike`): a run folder of [`train_nextlocmoe`].
@@ -746,6 +749,8 @@ def evaluate_nextlocmoe(
             report records the statistics used.
         write (`bool`, *optional*, defaults to `True`): write the report to `run_dir/metrics.json` and refresh the
             run's `run_info.json` and model card (turn off to score another city without touching the run).
+        slice_by (`str` or `list[str]`, *optional*): check-in column(s) to slice the metrics by, e.g. `"weather"`
+            (`mobility evaluate --slice-by`).
     """
     run = Path(run_dir)
     info_file = run / "run_info.json"
@@ -772,7 +777,7 @@ def evaluate_nextlocmoe(
         config.coord_mean, config.coord_std = [float(v) for v in mean], [float(v) for v in std]
     try:
         return _score(run, info, data, split, samples, model, batch_size, max_samples, progress, trained_stats,
-                      normalize_per_city, write)
+                      normalize_per_city, write, slice_by)
     finally:
         config.coord_mean, config.coord_std = trained_stats
 
@@ -790,12 +795,15 @@ def _coordinate_statistics(data: PreparedDataset) -> tuple[np.ndarray, np.ndarra
 
 
 def _score(run, info, data, split, samples, model, batch_size, max_samples, progress, trained_stats,
-           normalize_per_city, write) -> dict:
+           normalize_per_city, write, slice_by=None) -> dict:
+    from .evaluate import sample_slices, slice_metrics
+
     config = model.config
     if len(samples) == 0:
         raise ValueError(f"{data.path}: split {split!r} has no samples")
     if max_samples is not None:
         samples = samples.subset(np.arange(min(int(max_samples), len(samples))))
+    slices = sample_slices(data, split, samples.sample_ids, slice_by)  # before predicting: a bad column fails fast
     device = next(model.parameters()).device
     location_ids, loc_xy = _location_xy(data)
 
@@ -836,7 +844,8 @@ def _score(run, info, data, split, samples, model, batch_size, max_samples, prog
     model_res = scored(ranks, dist)
     if unseen.any():
         model_res["unseen"] = scored(ranks[unseen], dist[unseen])
-    report = evaluate_baselines(data, "all", split=split, sample_ids=samples.sample_ids)
+    model_res["slices"] = slice_metrics(ranks, slices)
+    report = evaluate_baselines(data, "all", split=split, sample_ids=samples.sample_ids, slice_by=slice_by)
     has_last = samples.last_index >= 0
     last = np.where(has_last, samples.last_index, 0)
     nearest = nearest_location_ranks(last, samples.target_index, locs["latitude"], locs["longitude"])
@@ -846,6 +855,7 @@ def _score(run, info, data, split, samples, model, batch_size, max_samples, prog
     nearest_res = scored(nearest, nearest_dist)
     if unseen.any():
         nearest_res["unseen"] = scored(nearest[unseen], nearest_dist[unseen])
+    nearest_res["slices"] = slice_metrics(nearest, slices)
     report["results"] = {info.get("name", "nextlocmoe"): model_res, **report["results"], "nearest": nearest_res}
 
     routing: dict[str, Any] = {"roles": list(config.role_names), "overall": roles.mean(axis=0).round(4).tolist()}

@@ -27,6 +27,7 @@ from ..schema import (
 )
 
 __all__ = [
+    "CHECKIN_COLUMNS",
     "DEFAULT_CHUNKSIZE",
     "LoadedCheckins",
     "LoadedGrid",
@@ -44,6 +45,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNKSIZE = 500_000
+#: The canonical check-in columns, in table order; extra columns of a source (``keep_extra``) follow them.
+CHECKIN_COLUMNS = ("user_id", "location_id", "timestamp", "tz_offset_min", "latitude", "longitude")
+#: Descriptive columns a check-in source may carry that belong to the location table, not to the check-ins.
+_LOCATION_INFO = ("category", "name", "address")
 _SAMPLE_BYTES = 1 << 20
 _EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
 
@@ -514,11 +519,15 @@ def assemble_checkins(
     locations: pd.DataFrame | None = None,
     pre_dropped: dict[str, int] | None = None,
     source_columns: dict[str, str] | None = None,
+    keep_extra: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Validate parsed chunks into the canonical check-in table and derive the location table from it.
 
     ``parse`` maps a raw string chunk to canonical columns (``timestamp`` as nullable Int64; unparsable values as NA),
     keeping the raw index; ``source_columns`` (canonical -> file column) lets errors quote the raw value.
+    With ``keep_extra=True`` every other column ``parse`` returns (not a canonical one, nor ``category``, ``name``,
+    ``address``, which go to the location table) is kept in the check-in table as a string column after the canonical
+    ones (:data:`CHECKIN_COLUMNS`), e.g. the ``weather`` of a CSV source; the fixed-format readers leave it off.
     If the check-ins carry no coordinates, they come from ``locations`` (rows whose location has none are dropped with
     reason ``location_without_coordinates``). A location id seen with several coordinates (beyond
     ``coord_tolerance`` degrees) is an error with ``on_error="raise"``; with ``"drop"`` the first coordinate is kept for
@@ -587,7 +596,11 @@ def assemble_checkins(
                 "longitude": pd.to_numeric(df["longitude"]).astype("float64"),
             }
         )
-        for extra in ("category", "name", "address"):
+        if keep_extra:
+            for extra in df.columns:
+                if extra not in out.columns and extra not in _LOCATION_INFO and extra != "_line":
+                    out[extra] = df[extra].astype("string")
+        for extra in _LOCATION_INFO:
             if extra in df.columns:
                 out[extra] = df[extra].astype("string")
         out["_line"] = _lines_of(df, raw_index=raw.index, lines=lines)
@@ -609,7 +622,7 @@ def assemble_checkins(
         notes.update(merged)
     # the location table: first coordinate per id, plus category/name when the check-ins carry them
     first = checkins.drop_duplicates("location_id", keep="first")
-    loc_cols = ["location_id", "latitude", "longitude"] + [c for c in ("category", "name", "address") if c in first]
+    loc_cols = ["location_id", "latitude", "longitude"] + [c for c in _LOCATION_INFO if c in first]
     derived = first[loc_cols].reset_index(drop=True)
     if locations is not None:
         # the table's names, categories and extra columns win over what the check-ins carry; coordinates stay the
@@ -624,7 +637,7 @@ def assemble_checkins(
             else:
                 merged_tab[col] = values
         derived = merged_tab.reset_index()
-    checkins = checkins.drop(columns=[c for c in ("category", "name", "address", "_line") if c in checkins.columns])
+    checkins = checkins.drop(columns=[c for c in (*_LOCATION_INFO, "_line") if c in checkins.columns])
     account.add(step_name, rows_in, len(checkins), dropped, notes)
     return checkins, derived
 
@@ -644,9 +657,11 @@ def read_checkin_file(
     chunksize: int,
     coord_tolerance: float,
     account: RowAccount,
+    keep_extra: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Chunked reading (:func:`iter_table_chunks`) plus validation and assembly (:func:`assemble_checkins`) of one
-    delimited or Parquet check-in file; the readers differ only in their columns and ``parse``."""
+    delimited or Parquet check-in file; the readers differ only in their columns and ``parse`` (and ``keep_extra``:
+    whether the extra columns ``parse`` returns are kept, see :func:`assemble_checkins`)."""
     dropped: dict[str, int] = {}
     chunks = iter_table_chunks(
         path, sep=sep, names=names, header=header, encoding=encoding, chunksize=chunksize, on_error=on_error,
@@ -655,6 +670,7 @@ def read_checkin_file(
     return assemble_checkins(
         chunks, parse, file=str(path), on_error=on_error, step_name=step_name, account=account,
         coord_tolerance=coord_tolerance, locations=locations, pre_dropped=dropped, source_columns=source_columns,
+        keep_extra=keep_extra,
     )
 
 

@@ -5,10 +5,17 @@ The mapping names, for each canonical column, the source column: ``user_id``, ``
 the minute of the day, for sources without calendar dates), plus optional ``latitude``, ``longitude`` (else taken from
 a location table), ``tz_offset_min``, ``weekday`` (0 = Monday; only with ``day``), ``category``, ``name``,
 ``address``. Date-time strings without a time zone are taken as local clock time (``tz_offset_min`` 0).
+
+Every other column of the file (an unmapped one, e.g. ``weather``; by position ``"5"``, ... without a header) is kept in
+the check-in table as a string column after the canonical ones, and carried by preprocessing into the prepared
+``checkins`` config, where ``mobility evaluate --slice-by COLUMN`` reads it. Columns without a name (pandas'
+``Unnamed: N``, e.g. from a trailing delimiter or a written index) and columns named like a canonical output column
+that the mapping does not use are not kept.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +24,7 @@ import pandas as pd
 
 from ..schema import DataValidationError, OnError, RowAccount
 from .base import (
+    CHECKIN_COLUMNS,
     DEFAULT_CHUNKSIZE,
     LoadedCheckins,
     default_sep,
@@ -41,6 +49,8 @@ CSV_MAPPABLE = (
     "name",
     "address",
 )
+logger = logging.getLogger(__name__)
+
 EPOCH_DAY0_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0)
 
 
@@ -93,6 +103,9 @@ def read_csv_checkins(
         header (`bool`, *optional*, defaults to `True`): whether the first line names the columns; without one the
             columns are named by position, ``"0"``, ``"1"``, ... (e.g. the Foursquare global-scale TIST2015 files:
             ``--columns user_id=0,location_id=1,timestamp=2,tz_offset_min=3``).
+
+    The file's other columns are kept in ``checkins`` as string columns (see the module docstring) and listed in the
+    metadata's ``extra_checkin_columns``.
     """
     path = Path(path)
     mapping = parse_column_mapping(columns)
@@ -101,7 +114,7 @@ def read_csv_checkins(
     is_parquet = path.suffix.lower() in (".parquet", ".pq")
     names = None if header or is_parquet else positional_names(path, sep, encoding)
     header = header or is_parquet
-    state: dict = {"relative": None, "timestamp_unit": None, "weekday_offsets": [], "has_tz": False}
+    state: dict = {"relative": None, "timestamp_unit": None, "weekday_offsets": [], "has_tz": False, "extra": None}
 
     def parse(raw: pd.DataFrame) -> pd.DataFrame:
         src = {canon: mapping.get(canon, canon) for canon in CSV_MAPPABLE}
@@ -142,14 +155,18 @@ def read_csv_checkins(
         for canon in ("category", "name", "address"):
             if canon in present:
                 out[canon] = raw[present[canon]].astype("string")
+        for col in _extra_columns(raw.columns, set(present.values()), state):
+            out[col] = raw[col].astype("string")
         return out
 
     checkins, locs = read_checkin_file(
         path, parse, step_name=f"read csv {path.name}", sep=sep, header=header, names=names, on_error=on_error,
         encoding=encoding, locations=locations, chunksize=chunksize, coord_tolerance=coord_tolerance,
         account=account, source_columns={canon: mapping.get(canon, canon) for canon in CSV_MAPPABLE},
+        keep_extra=True,
     )
-    meta: dict = {"format": "csv", "source_files": [str(path)], "column_mapping": mapping}
+    meta: dict = {"format": "csv", "source_files": [str(path)], "column_mapping": mapping,
+                  "extra_checkin_columns": [str(c) for c in state["extra"] or []]}
     if state["relative"]:
         offsets = np.concatenate(state["weekday_offsets"]) if state["weekday_offsets"] else np.array([], dtype=int)
         day0 = int(np.bincount(offsets, minlength=7).argmax()) if offsets.size else 0
@@ -165,6 +182,29 @@ def read_csv_checkins(
             "timestamps as given (strings without a zone are local clock time)"
         )
     return LoadedCheckins(checkins, locs, account, meta)
+
+
+def _extra_columns(columns, used: set[str], state: dict) -> list[str]:
+    """The file columns kept as extra check-in columns: not named by the mapping (nor canonically named), with a
+    name, and not clashing with a canonical output column (decided on the first chunk, logged once)."""
+    if state["extra"] is not None:
+        return state["extra"]
+    reserved = set(CHECKIN_COLUMNS) | {"category", "name", "address", "_line"}
+    extra, skipped = [], []
+    for col in columns:
+        if col in used:
+            continue
+        name = str(col)
+        if name in reserved or name.startswith("Unnamed: ") or not name.strip():
+            skipped.append(name)
+        else:
+            extra.append(col)
+    if extra:
+        logger.info("keeping extra check-in column(s) %s", [str(c) for c in extra])
+    if skipped:
+        logger.info("not keeping unmapped column(s) %s (no name, or the name of a canonical column)", skipped)
+    state["extra"] = extra
+    return extra
 
 
 def _parse_timestamps(values: pd.Series, fmt: str | None, state: dict) -> pd.Series:
