@@ -72,6 +72,7 @@ __all__ = [
     "load_recipe",
     "location_feature_table",
     "main",
+    "score_ranking_model",
     "train_mhsa",
 ]
 
@@ -701,8 +702,6 @@ def evaluate_mhsa(
         "location_encoder", "inference"}`; also written to `run_dir/metrics.json`, and the run's model card is
         refreshed with the metrics table.
     """
-    from .evaluate import sample_slices, slice_metrics
-
     run = Path(run_dir)
     info_file = run / "run_info.json"
     if not info_file.is_file():
@@ -733,6 +732,36 @@ def evaluate_mhsa(
                                  max_history=recipe_max_history)
     if len(samples) == 0:
         raise ValueError(f"{data.path}: split {split!r} has no samples")
+    name = info.get("name", "mhsa")
+    report, model_res, seconds = score_ranking_model(model, data, split, samples, name=name, batch_size=batch_size,
+                                                     slice_by=slice_by)
+    report.update(run=str(run), location_encoder=info.get("location_encoder"))
+    write_json_atomic(report, run / "metrics.json")
+    info.setdefault("metrics", {})[split] = model_res
+    write_json_atomic(info, info_file)
+    _write_card(run, info, report)
+    logger.info("%s on %s: acc@1 %.4f, mrr %.4f over %d samples (%.0f predictions/s)", name, split,
+                model_res["acc@1"], model_res["mrr"], len(samples), len(samples) / max(seconds, 1e-9))
+    return report
+
+
+def score_ranking_model(model, data: PreparedDataset, split: str, samples: MHSASamples, *, name: str,
+                        batch_size: int = 512, slice_by: str | list[str] | None = None) -> tuple[dict, dict, float]:
+    """Rank every location for every sample with a model that takes `samples.batch(rows)` and returns `logits` over
+    the location table (MHSA, M3ob), and score it beside the baselines and `nearest` on the same samples.
+
+    A target outside the model's `candidate_mask` is a miss (rank `inf`). Metrics over all samples, `"unseen"` and
+    `"unseen_candidates"` as described in [`evaluate_mhsa`], and `"slices"` (`train.evaluate.sample_slices`).
+
+    Returns:
+        `(report, model_metrics, seconds)`: the report of `train.evaluate.evaluate_baselines` with the model first and
+        `nearest` last in `results` and an `inference` entry; the model's metrics; the seconds spent ranking.
+    """
+    from .evaluate import sample_slices, slice_metrics
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+    config = model.config
     slices = sample_slices(data, split, samples.sample_ids, slice_by)  # before scoring: a bad column fails fast
     device = next(model.parameters()).device
     mask = model.candidate_mask.cpu().numpy()
@@ -776,22 +805,13 @@ def evaluate_mhsa(
                 last[unseen], samples.target_index[unseen], locations["latitude"], locations["longitude"], heldout
             ))
     nearest_res["slices"] = slice_metrics(nearest, slices)
-    name = info.get("name", "mhsa")
     report["results"] = {name: model_res, **report["results"], "nearest": nearest_res}
     report.update(
-        run=str(run),
-        location_encoder=info.get("location_encoder"),
         inference={"samples": len(samples), "seconds": round(seconds, 4),
                    "predictions_per_second": round(len(samples) / seconds, 1) if seconds > 0 else None,
                    "device": str(device)},
     )
-    write_json_atomic(report, run / "metrics.json")
-    info.setdefault("metrics", {})[split] = model_res
-    write_json_atomic(info, info_file)
-    _write_card(run, info, report)
-    logger.info("%s on %s: acc@1 %.4f, mrr %.4f over %d samples (%.0f predictions/s)", name, split,
-                model_res["acc@1"], model_res["mrr"], len(samples), len(samples) / max(seconds, 1e-9))
-    return report
+    return report, model_res, seconds
 
 
 def _location_columns(data, location_ids) -> dict[str, np.ndarray]:
