@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a synthetic city as raw files (TSMC2014-style check-ins + POI table, or YJMob-style grid)",
         description="Write a synthetic city in the formats real data comes in, so `data prepare` reads it with the "
         "same readers as real data. Check-ins: checkins.txt (Foursquare TSMC2014, tab-separated, Latin-1) and "
-        "pois.csv (names, categories, coordinates). Grid: grid.csv (uid,d,t,x,y, 200x200 cells, 48 slots, 1-based).",
+        "pois.csv (names, categories, coordinates), plus a 32x32 land-use tile per POI in tiles/. Grid: grid.csv "
+        "(uid,d,t,x,y, 200x200 cells, 48 slots, 1-based).",
     )
     synth.add_argument("--out", required=True, type=Path, help="folder for the raw files (created)")
     synth.add_argument("--kind", choices=["checkins", "grid"], default="checkins", help="check-ins or a HuMob grid")
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="random seed of the users (default 0)")
     synth.add_argument("--city-seed", type=int, default=None,
                        help="seed of the city layout (default: --seed); change it for a second city")
+    synth.add_argument("--no-tiles", action="store_true",
+                       help="check-ins: do not write the land-use tiles (the location images of M3ob, "
+                       "--images OUT/tiles) to OUT/tiles/")
 
     prep = data_sub.add_parser(
         "prepare",
@@ -333,6 +337,8 @@ def _synth(args) -> None:
             kwargs["num_days"] = args.days
         city = synthesize_checkins(**kwargs)
         paths = city.write_tsmc(args.out)
+        if not args.no_tiles:
+            paths["tiles"] = city.write_land_use_tiles(args.out)  # OUT/tiles/<location_id>.png: M3ob's images
         print(f"wrote {len(city.checkins):,} check-ins of {city.checkins['user_id'].nunique()} users at "
               f"{len(city.pois):,} POIs in {time.time() - t0:.1f}s:")
         for p in paths.values():
