@@ -2,9 +2,10 @@
 
 from . import auto
 from .calliper import CaLLiPerConfig, CaLLiPerModel
+from .m3ob import M3obConfig, M3obForNextLocation
 from .mhsa import MHSAConfig, MHSAForNextLocation
 from .nextlocmoe import NextLocMoEConfig, NextLocMoEForNextLocation
 from .rqvae import RQVAEConfig, RQVAEModel
 
-__all__ = ["CaLLiPerConfig", "CaLLiPerModel", "MHSAConfig", "MHSAForNextLocation", "NextLocMoEConfig",
+__all__ = ["CaLLiPerConfig", "CaLLiPerModel", "M3obConfig", "M3obForNextLocation", "MHSAConfig", "MHSAForNextLocation", "NextLocMoEConfig",
            "NextLocMoEForNextLocation", "RQVAEConfig", "RQVAEModel", "auto"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoModel
 
 from .calliper import CaLLiPerConfig, CaLLiPerModel
+from .m3ob import M3obConfig, M3obForNextLocation
 from .mhsa import MHSAConfig, MHSAForNextLocation
 from .nextlocmoe import NextLocMoEConfig, NextLocMoEForNextLocation
 from .rqvae import RQVAEConfig, RQVAEModel
@@ -24,6 +25,7 @@ def register_auto_classes() -> None:
         (CaLLiPerConfig, CaLLiPerModel),
         (MHSAConfig, MHSAForNextLocation),
         (NextLocMoEConfig, NextLocMoEForNextLocation),
+        (M3obConfig, M3obForNextLocation),
     )
     for config_class, model_class in pairs:
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
