@@ -70,7 +70,7 @@ def test_demo_writes_report_and_plots(tmp_path, monkeypatch, offline_home):
     monkeypatch.setenv("HF_MOBILITY_HOME", str(offline_home))  # NextLocMoE's SmolLM2, prepared once per session
     assert main(["-q", "demo", "--out", str(tmp_path / "demo"), "--users", "40", "--sft-steps", "6",
                  "--eval-samples", "16", "--mhsa-epochs", "1", "--llamamob-steps", "2",
-                 "--nextlocmoe-samples", "64"]) == 0
+                 "--nextlocmoe-samples", "64", "--m3ob-epochs", "1", "--m3ob-activity-model", "none"]) == 0
     report = (tmp_path / "demo" / "report.md").read_text()
     for name in ("city_map.png", "category_hours.png", "baselines.png", "grid_density.png",
                  "location_tokenizer/codebook_usage.png", "location_tokenizer/first_code_map.png",
@@ -120,6 +120,15 @@ def test_demo_writes_report_and_plots(tmp_path, monkeypatch, offline_home):
     assert "## NextLocMoE" in report and "| mhsa-id |" in report.split("## NextLocMoE")[1]
     assert "Zero-shot on a second city" in report and "(nextlocmoe_routing.png)" in report
     assert (tmp_path / "demo" / "nextlocmoe_routing.png").stat().st_size > 10_000
+    # M3ob: the full model and its ablations on one knowledge graph, beside the baselines, with the long-tail slice
+    m3 = json.loads((tmp_path / "demo" / "metrics_m3ob.json").read_text())
+    res = m3["report"]["results"]
+    assert list(res)[:4] == ["m3ob", "m3ob-id-only", "m3ob-no-alignment", "m3ob-sum-fusion"] and "markov" in res
+    assert len({r["num_samples"] for r in res.values()}) == 1 and "long_tail" in res["m3ob"]["slices"]
+    assert m3["knowledge_graph"]["knowledge_graph"]["num_triples"] > 0 and m3["activities"] is None
+    assert "## M3ob" in report and "Ablations (same knowledge graph" in report and "(m3ob_embeddings.png)" in report
+    assert (tmp_path / "demo" / "m3ob_embeddings.png").stat().st_size > 10_000
+    assert (tmp_path / "demo" / "raw" / "checkins" / "tiles").is_dir()
 
 
 @pytest.mark.slow

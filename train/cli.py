@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "[--key value ...]"),
         "nextlocmoe": ("NextLocMoE: an LLM backbone with a location-semantics and a personalised mixture of experts, "
                        "from a YAML recipe", "--data DIR --output-dir OUT [--config RECIPE.yaml] [--key value ...]"),
+        "m3ob": ("M3ob: knowledge graph + TransE, kNN relational graph, GCNs over ID and image modalities, gated "
+                 "fusion, alignment, multi-task transformer", "--data DIR --output-dir OUT [--images DIR] "
+                 "[--config RECIPE.yaml] [--key value ...]"),
     }
     for name, (summary, usage) in recipe_commands.items():
         cmd = train_sub.add_parser(
@@ -172,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
             description=f"All options belong to train/{name}.py: {usage}; see `mobility train {name} --help`.",
         )
         cmd.set_defaults(recipe_args=[])
+
+    kg = data_sub.add_parser(
+        "kg", help="M3ob's spatial-temporal knowledge graph of a prepared check-in dataset, with activity types and "
+        "TransE embeddings", add_help=False,
+        description="All options belong to dataset_builders/knowledge_graph.py: --data DIR --out DIR "
+        "[--activities CSV | --activity-model MODEL] [--key value ...]; see `mobility data kg --help`.",
+    )
+    kg.set_defaults(recipe_args=[])
 
     ins = data_sub.add_parser(
         "instructions",
@@ -219,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "GEO-BLEU (N=5 and N=3) and DTW for grids. Prints a table and writes JSON.",
     )
     ev.add_argument("run_dir", nargs="?", type=Path, default=None,
-                    help="a run folder of `mobility train sft|mhsa|nextlocmoe` to score beside the baselines (leave "
+                    help="a run folder of `mobility train sft|mhsa|nextlocmoe|m3ob` to score beside the baselines (leave "
                     "out to score only baselines)")
     ev.add_argument("--num-beams", type=int, default=20,
                     help="with RUN_DIR: beams of the constrained beam search, the largest k of Acc@k (default 20)")
@@ -321,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="NextLocMoE: training samples (default: the demo recipe's max_train_samples)")
     demo.add_argument("--no-nextlocmoe", action="store_true",
                       help="skip NextLocMoE (SmolLM2 backbone, two mixtures of experts; and its zero-shot second city)")
+    demo.add_argument("--m3ob-epochs", type=int, default=None,
+                      help="M3ob: epochs per run (default: the demo recipe's)")
+    demo.add_argument("--no-m3ob", action="store_true",
+                      help="skip M3ob (knowledge graph, TransE, the full model and its ablations)")
+    demo.add_argument("--m3ob-activity-model", default="smollm2-135m-instruct",
+                      help="M3ob: the LLM whose category -> activity mapping the report compares with MiniLM's "
+                      "(default smollm2-135m-instruct; 'none' skips it)")
     return parser
 
 
@@ -493,6 +511,18 @@ def _train_nextlocmoe(args) -> None:
     nextlocmoe_main(args.recipe_args)
 
 
+def _train_m3ob(args) -> None:
+    from .m3ob import main as m3ob_main
+
+    m3ob_main(args.recipe_args)
+
+
+def _data_kg(args) -> None:
+    from dataset_builders.knowledge_graph import main as kg_main
+
+    kg_main(args.recipe_args)
+
+
 def _run_method(run_dir: Path) -> str | None:
     """The `method` of a run folder's run_info.json; a CaLLiPer run (an encoder, not a predictor) is refused."""
     import json
@@ -537,10 +567,13 @@ def _evaluate(args) -> None:
             write_json_atomic(report, args.out)
         print(f"\nwrote {args.out or args.run_dir / 'metrics.json'}")
         return
-    if method == "mhsa":
-        from .mhsa import evaluate_mhsa
+    if method in ("mhsa", "m3ob"):
+        if method == "mhsa":
+            from .mhsa import evaluate_mhsa as evaluate_ranking
+        else:
+            from .m3ob import evaluate_m3ob as evaluate_ranking
 
-        report = evaluate_mhsa(args.run_dir, args.data, split=args.split, slice_by=slice_by)
+        report = evaluate_ranking(args.run_dir, args.data, split=args.split, slice_by=slice_by)
         print(f"{args.run_dir} beside the baselines on {args.data} ({args.split} split, every location ranked):\n")
         print(format_results_table(report))
         if args.out is not None:
@@ -625,7 +658,7 @@ def _demo(args) -> None:
     from .demo import run_demo
 
     for name, minimum in (("sft_steps", 1), ("eval_samples", 0), ("mhsa_epochs", 1), ("llamamob_steps", 1),
-                          ("nextlocmoe_samples", 1)):
+                          ("nextlocmoe_samples", 1), ("m3ob_epochs", 1)):
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
@@ -633,24 +666,26 @@ def _demo(args) -> None:
                       sft_steps=args.sft_steps, eval_samples=args.eval_samples or None, calliper=not args.no_calliper,
                       mhsa_epochs=args.mhsa_epochs, llamamob=not args.no_llamamob,
                       llamamob_steps=args.llamamob_steps, nextlocmoe=not args.no_nextlocmoe,
-                      nextlocmoe_samples=args.nextlocmoe_samples)
+                      nextlocmoe_samples=args.nextlocmoe_samples, m3ob=not args.no_m3ob, m3ob_epochs=args.m3ob_epochs,
+                      m3ob_activity_model=None if str(args.m3ob_activity_model).lower() in ("", "none")
+                      else args.m3ob_activity_model)
     print(report.read_text(encoding="utf-8"))
     print(f"\nreport: {report}")
 
 
-RECIPE_COMMANDS = ("sft", "calliper", "mhsa", "nextlocmoe")
+RECIPE_COMMANDS = ("sft", "calliper", "mhsa", "nextlocmoe", "m3ob")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     recipe_args: list[str] = []
-    for i in range(len(argv) - 1):  # everything after `train sft|calliper|mhsa` belongs to that script's own parser
-        if argv[i] == "train" and argv[i + 1] in RECIPE_COMMANDS:
+    for i in range(len(argv) - 1):  # everything after `train sft|calliper|...` or `data kg` belongs to that script
+        if (argv[i] == "train" and argv[i + 1] in RECIPE_COMMANDS) or (argv[i] == "data" and argv[i + 1] == "kg"):
             argv, recipe_args = argv[: i + 2], argv[i + 2 :]
             break
     args = parser.parse_args(argv)
-    if getattr(args, "train_command", None) in RECIPE_COMMANDS:
+    if getattr(args, "train_command", None) in RECIPE_COMMANDS or getattr(args, "data_command", None) == "kg":
         args.recipe_args = recipe_args
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
@@ -658,13 +693,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     from dataset_builders.schema import DataValidationError
 
-    handlers = {"synth": _synth, "prepare": _prepare, "instructions": _instructions}
+    handlers = {"synth": _synth, "prepare": _prepare, "instructions": _instructions, "kg": _data_kg}
     try:
         if args.command == "data":
             handlers[args.data_command](args)
         elif args.command == "train":
             {"location-tokenizer": _train_location_tokenizer, "sft": _train_sft, "calliper": _train_calliper,
-             "mhsa": _train_mhsa, "nextlocmoe": _train_nextlocmoe}[args.train_command](args)
+             "mhsa": _train_mhsa, "nextlocmoe": _train_nextlocmoe, "m3ob": _train_m3ob}[args.train_command](args)
         elif args.command == "evaluate":
             _evaluate(args)
         elif args.command == "predict":
