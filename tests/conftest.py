@@ -10,6 +10,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on the two cores: one torch thread each, or the OpenMP threads of the
+    # two processes wait on each other (several times slower than one thread per process)
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread():

@@ -70,7 +70,8 @@ def test_demo_writes_report_and_plots(tmp_path, monkeypatch, offline_home):
     monkeypatch.setenv("HF_MOBILITY_HOME", str(offline_home))  # NextLocMoE's SmolLM2, prepared once per session
     assert main(["-q", "demo", "--out", str(tmp_path / "demo"), "--users", "40", "--sft-steps", "6",
                  "--eval-samples", "16", "--mhsa-epochs", "1", "--llamamob-steps", "2",
-                 "--nextlocmoe-samples", "64", "--m3ob-epochs", "1", "--m3ob-activity-model", "none"]) == 0
+                 "--nextlocmoe-samples", "64", "--m3ob-epochs", "1", "--m3ob-activity-model", "none",
+                 "--qtmob-smollm-steps", "0"]) == 0
     report = (tmp_path / "demo" / "report.md").read_text()
     for name in ("city_map.png", "category_hours.png", "baselines.png", "grid_density.png",
                  "location_tokenizer/codebook_usage.png", "location_tokenizer/first_code_map.png",
@@ -184,3 +185,26 @@ def test_calliper_mhsa_inductive_demo_size_ranks_unseen_places(checkin_data, tmp
     among, near_among = model["unseen_candidates"], nearest["unseen_candidates"]
     assert among["acc@5"] > near_among["acc@5"] + 0.05, (among, near_among)
     assert among["mrr"] > near_among["mrr"], (among, near_among)
+
+
+def test_qtmob_smollm_comparison_lines_state_costs_and_verdict():
+    """The report's SmolLM2-vs-tiny section: both models on the same samples, steps and wall-clock per model, and the
+    verdict follows the numbers."""
+    from train.demo import _qtmob_smollm_lines
+
+    def res(acc10):
+        return {"acc@1": acc10 / 2, "acc@5": acc10 * 0.8, "acc@10": acc10, "acc@20": acc10, "mrr": acc10 / 3,
+                "ndcg@5": acc10 / 3, "ndcg@10": acc10 / 3, "num_samples": 50}
+
+    result = {"report": {"kind": "checkins", "split": "test",
+                         "results": {"qtmob": res(0.6), "qtmob-smollm2": res(0.02), "markov": res(0.5)}},
+              "train_seconds": {"qtmob": 120.0, "qtmob-smollm2": 180.0}, "wall_seconds": 240.0,
+              "eval_seconds": {"qtmob": 5.0,
+                                                                                           "qtmob-smollm2": 60.0},
+              "steps": {"qtmob": 600, "qtmob-smollm2": 12}, "rows_per_step": 8, "num_beams": 10}
+    text = "\n".join(_qtmob_smollm_lines(result))
+    assert "| qtmob-smollm2 | 12 | 180 s | 60 s | 1.20 s |" in text and "| qtmob | 600 | 120 s | 5 s | 0.10 s |" in text
+    assert "a SmolLM2 step takes 15.0 s" in text and "about 2.5 h" in text and "240 s in all" in text
+    assert "does not beat the tiny one (Acc@10 2.0 vs 60.0)" in text and "| markov |" in text
+    result["report"]["results"]["qtmob-smollm2"] = res(0.7)
+    assert "beats the tiny one (Acc@10 70.0 vs 60.0)" in "\n".join(_qtmob_smollm_lines(result))

@@ -332,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="NextLocMoE: training samples (default: the demo recipe's max_train_samples)")
     demo.add_argument("--no-nextlocmoe", action="store_true",
                       help="skip NextLocMoE (SmolLM2 backbone, two mixtures of experts; and its zero-shot second city)")
+    demo.add_argument("--qtmob-smollm-steps", type=int, default=12,
+                      help="QT-Mob: LoRA steps on SmolLM2-135M-Instruct for the comparison with the tiny base "
+                      "(default 12; 0 skips it)")
     demo.add_argument("--m3ob-epochs", type=int, default=None,
                       help="M3ob: epochs per run (default: the demo recipe's)")
     demo.add_argument("--no-m3ob", action="store_true",
@@ -658,7 +661,7 @@ def _demo(args) -> None:
     from .demo import run_demo
 
     for name, minimum in (("sft_steps", 1), ("eval_samples", 0), ("mhsa_epochs", 1), ("llamamob_steps", 1),
-                          ("nextlocmoe_samples", 1), ("m3ob_epochs", 1)):
+                          ("nextlocmoe_samples", 1), ("m3ob_epochs", 1), ("qtmob_smollm_steps", 0)):
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
@@ -668,7 +671,7 @@ def _demo(args) -> None:
                       llamamob_steps=args.llamamob_steps, nextlocmoe=not args.no_nextlocmoe,
                       nextlocmoe_samples=args.nextlocmoe_samples, m3ob=not args.no_m3ob, m3ob_epochs=args.m3ob_epochs,
                       m3ob_activity_model=None if str(args.m3ob_activity_model).lower() in ("", "none")
-                      else args.m3ob_activity_model)
+                      else args.m3ob_activity_model, qtmob_smollm_steps=args.qtmob_smollm_steps)
     print(report.read_text(encoding="utf-8"))
     print(f"\nreport: {report}")
 

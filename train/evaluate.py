@@ -458,6 +458,7 @@ def evaluate_run(
     decoder: str = "cached",
     progress: bool = True,
     slice_by: str | Sequence[str] | None = None,
+    write: bool = True,
 ) -> dict:
     """Score a fine-tuned QT-Mob run on the next-location samples of ``split``, with the baselines beside it.
 
@@ -468,7 +469,8 @@ def evaluate_run(
     computed over the returned ranking
     (a target outside the ``num_beams`` returned locations counts as a miss). The baselines are scored on exactly the
     same samples. Model and baselines get ``"slices"`` (:func:`sample_slices`: long-tail targets, and each value of
-    each ``slice_by`` check-in column). Returns the report (also the content of ``metrics.json``).
+    each ``slice_by`` check-in column). Returns the report (also written to ``metrics.json`` and the model card's
+    table, unless ``write=False``).
     """
     import json
 
@@ -525,6 +527,8 @@ def evaluate_run(
     name = info.get("name", "qtmob")
     report["results"] = {name: model_res, **report["results"]}
     report.update(run=str(run), num_beams=num_beams, instructions=str(instructions), decoder=decoder)
+    if not write:  # e.g. a second, smaller evaluation that must not replace the run's own metrics and card
+        return report
     write_json_atomic(report, run / "metrics.json")
     if (run / "README.md").is_file():  # refresh the run's model card with the metrics table
         from .push import _find_rqvae, build_model_card
