@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import yaml
-from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, set_seed
 from transformers.utils import logging as hf_logging
 
 from dataset_builders.preprocess import local_time_features
@@ -60,7 +60,7 @@ from modeling_mobility.mhsa import MHSAConfig, MHSAForNextLocation
 from .baselines import nearest_location_ranks
 from .evaluate import evaluate_baselines, format_results_table, write_json_atomic, write_text_atomic
 from .metrics import ranking_metrics, ranks_from_scores
-from .recipe import add_recipe_arguments, coerce_fields, parse_recipe_args, read_recipe
+from .recipe import add_recipe_arguments, coerce_fields, epoch_training_arguments, parse_recipe_args, read_recipe
 
 __all__ = [
     "MHSARecipe",
@@ -540,40 +540,10 @@ def _train_mhsa(data_dir, output_dir, location_encoder, recipe: MHSARecipe) -> M
 
     steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
     warmup_steps = int(round(recipe.warmup_epochs * steps_per_epoch))
-    scheduler = recipe.lr_scheduler_type
-    if warmup_steps == 0 and scheduler == "constant_with_warmup":
-        scheduler = "constant"
     # BatchNorm in the head cannot train on a last batch of one sample
     drop_last = config.head_norm == "batch_norm" and len(train) % recipe.batch_size == 1
-    args = TrainingArguments(
-        output_dir=str(out),
-        num_train_epochs=recipe.max_epochs,
-        per_device_train_batch_size=recipe.batch_size,
-        per_device_eval_batch_size=recipe.eval_batch_size,
-        learning_rate=recipe.learning_rate,
-        weight_decay=recipe.weight_decay,
-        lr_scheduler_type=scheduler,
-        warmup_steps=warmup_steps,
-        max_grad_norm=recipe.max_grad_norm,
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        logging_strategy="epoch",
-        save_total_limit=2,
-        save_only_model=True,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        prediction_loss_only=True,
-        label_names=["labels"],
-        remove_unused_columns=False,
-        report_to="none",
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        dataloader_drop_last=drop_last,
-        seed=recipe.seed,
-        data_seed=recipe.seed,
-        disable_tqdm=not recipe.progress,
-    )
+    args = epoch_training_arguments(out, recipe, warmup_steps=warmup_steps, save_total_limit=2,
+                                    dataloader_drop_last=drop_last)
     # plain Adam with L2 weight decay, as the mie-lab code (Trainer's default would be AdamW)
     optimizer = torch.optim.Adam(
         [p for p in model.parameters() if p.requires_grad], lr=recipe.learning_rate, weight_decay=recipe.weight_decay

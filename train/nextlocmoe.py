@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import yaml
-from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+from transformers import PrinterCallback, Trainer, set_seed
 from transformers.utils import logging as hf_logging
 
 from dataset_builders.descriptions import great_circle_m
@@ -60,7 +60,7 @@ from .baselines import nearest_location_ranks
 from .evaluate import evaluate_baselines, format_results_table, write_json_atomic, write_text_atomic
 from .metrics import ranking_metrics
 from .mhsa import _collate, _index_of, _IndexDataset, _location_columns, _save_model, _ThroughputCallback
-from .recipe import add_recipe_arguments, coerce_fields, parse_recipe_args, read_recipe
+from .recipe import add_recipe_arguments, coerce_fields, epoch_training_arguments, parse_recipe_args, read_recipe
 
 __all__ = [
     "FUNCTION_DESCRIPTIONS",
@@ -608,37 +608,9 @@ def _train(data_dir, output_dir, recipe: NextLocMoERecipe) -> NextLocMoETraining
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps_per_epoch = math.ceil(len(train) / (recipe.batch_size * recipe.gradient_accumulation_steps))
-    scheduler = recipe.lr_scheduler_type
-    args = TrainingArguments(
-        output_dir=str(out),
-        num_train_epochs=recipe.max_epochs,
-        per_device_train_batch_size=recipe.batch_size,
-        per_device_eval_batch_size=recipe.eval_batch_size,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
-        learning_rate=recipe.learning_rate,
-        weight_decay=recipe.weight_decay,
-        lr_scheduler_type=scheduler,
-        warmup_steps=int(round(recipe.warmup_ratio * steps_per_epoch * recipe.max_epochs)),
-        max_grad_norm=recipe.max_grad_norm,
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        logging_strategy="epoch",
-        save_total_limit=1,
-        save_only_model=True,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        prediction_loss_only=True,
-        label_names=["labels"],
-        remove_unused_columns=False,
-        report_to="none",
-        bf16=recipe.bf16,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        seed=recipe.seed,
-        data_seed=recipe.seed,
-        disable_tqdm=not recipe.progress,
-    )
+    args = epoch_training_arguments(
+        out, recipe, warmup_steps=int(round(recipe.warmup_ratio * steps_per_epoch * recipe.max_epochs)),
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps, bf16=recipe.bf16)
     throughput = _ThroughputCallback()
     trainer = Trainer(model=model, args=args, train_dataset=_IndexDataset(train),
                       eval_dataset=_IndexDataset(validation), data_collator=_collate, callbacks=[throughput])

@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["add_recipe_arguments", "coerce_field", "coerce_fields", "parse_recipe_args", "read_recipe"]
+__all__ = ["add_recipe_arguments", "coerce_field", "coerce_fields", "epoch_training_arguments", "parse_recipe_args",
+           "read_recipe"]
 
 _NULLS = ("null", "none", "~", "")
 _TRUE = ("true", "yes", "1", "y")
@@ -123,3 +124,53 @@ def parse_recipe_args(parser: argparse.ArgumentParser, cls: type[R], argv: list[
         if not getattr(recipe, key):
             raise ValueError(f"--{key.replace('_', '-')} ({what}) is required")
     return recipe
+
+
+def epoch_training_arguments(output_dir: str | os.PathLike, recipe: Any, *, warmup_steps: int,
+                             save_total_limit: int = 1, **overrides: Any):
+    """`transformers.TrainingArguments` of the epoch-based recipes (MHSA, NextLocMoE, M3ob): evaluate, save and log
+    once per epoch, keep the checkpoint with the lowest validation loss and restore it at the end, loss-only
+    evaluation on the `labels` column, CPU unless CUDA is there, seeded batch order, a progress bar unless
+    `recipe.progress` is false.
+
+    `recipe` needs `max_epochs`, `batch_size`, `eval_batch_size`, `learning_rate`, `weight_decay`,
+    `lr_scheduler_type`, `max_grad_norm`, `seed` and `progress`; `overrides` replace or add arguments (e.g.
+    `gradient_accumulation_steps`, `bf16`, `dataloader_drop_last`). `constant_with_warmup` without warmup steps
+    becomes `constant`.
+    """
+    import torch
+    from transformers import TrainingArguments
+
+    scheduler = recipe.lr_scheduler_type
+    if warmup_steps == 0 and scheduler == "constant_with_warmup":
+        scheduler = "constant"
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "num_train_epochs": recipe.max_epochs,
+        "per_device_train_batch_size": recipe.batch_size,
+        "per_device_eval_batch_size": recipe.eval_batch_size,
+        "learning_rate": recipe.learning_rate,
+        "weight_decay": recipe.weight_decay,
+        "lr_scheduler_type": scheduler,
+        "warmup_steps": warmup_steps,
+        "max_grad_norm": recipe.max_grad_norm,
+        "eval_strategy": "epoch",
+        "save_strategy": "epoch",
+        "logging_strategy": "epoch",
+        "save_total_limit": save_total_limit,
+        "save_only_model": True,
+        "load_best_model_at_end": True,
+        "metric_for_best_model": "eval_loss",
+        "greater_is_better": False,
+        "prediction_loss_only": True,
+        "label_names": ["labels"],
+        "remove_unused_columns": False,
+        "report_to": "none",
+        "use_cpu": not torch.cuda.is_available(),
+        "dataloader_num_workers": 0,
+        "seed": recipe.seed,
+        "data_seed": recipe.seed,
+        "disable_tqdm": not recipe.progress,
+    }
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
