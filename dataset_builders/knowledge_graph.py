@@ -62,7 +62,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .preprocess import local_time_features
-from .publish import PreparedDataset, load_prepared, write_dataset
+from .publish import PreparedDataset, load_prepared, replace_folder, write_dataset
 
 __all__ = [
     "ACTIVITY_TYPES",
@@ -1226,13 +1226,7 @@ def save_transe(result: TransEResult, folder: str | os.PathLike) -> Path:
             "settings": result.settings,
         }
         (tmp / _TRANSE_JSON).write_text(json.dumps(info, indent=1), encoding="utf-8")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

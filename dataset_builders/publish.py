@@ -25,12 +25,24 @@ import yaml
 from .preprocess import PreparedCheckins, PreparedGrid
 from .schema import RowAccount
 
-__all__ = ["PreparedDataset", "load_prepared", "write_dataset", "write_prepared"]
+__all__ = ["PreparedDataset", "load_prepared", "replace_folder", "write_dataset", "write_prepared"]
 
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "hf_mobility.json"
 MAX_ROWS_PER_SHARD = 1_000_000
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` (a sibling of `out`) at `out` by renames: an existing `out` is first moved into a
+    temporary folder and removed afterwards, so `out` is never half written."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def write_dataset(
@@ -94,13 +106,7 @@ def write_dataset(
         (tmp / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2, default=str), encoding="utf-8")
         if extras is not None:
             extras(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
