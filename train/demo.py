@@ -691,16 +691,10 @@ def _nextlocmoe_lines(result: dict, out: Path, others: dict | None) -> list[str]
         "m).",
         "",
     ]
-    verdict = []
-    for base in dict.fromkeys(b for b in ("markov", strongest) if b in res):
-        verdict.append(f"{base} ({', '.join(_point_diffs(model, res[base], ('acc@1', 'acc@5', 'acc@10')))})")
-    if verdict:
-        beats = all(model[m] > res["markov"][m] for m in ("acc@5", "acc@10")) if "markov" in res else False
-        lines += [f"nextlocmoe vs {' and vs the strongest simple baseline by MRR, '.join(verdict)}. "
-                  + ("It beats per-user Markov-1 on Acc@5 and Acc@10." if beats else
-                     "It does not beat per-user Markov-1 on Acc@5 and Acc@10 here: a point regressor needs far more "
-                     "training than 2 CPU cores allow in the demo (the paper trains Llama-3.2-3B for 50 epochs on "
-                     "GPUs); `train/recipes/nextlocmoe_paper.yaml` is that recipe."), ""]
+    lines += _verdict_lines("nextlocmoe", model, res, strongest,
+                            "It does not beat per-user Markov-1 on Acc@5 and Acc@10 here: a point regressor needs far "
+                            "more training than 2 CPU cores allow in the demo (the paper trains Llama-3.2-3B for 50 "
+                            "epochs on GPUs); `train/recipes/nextlocmoe_paper.yaml` is that recipe.")
     routing = report.get("routing") or {}
     rows, spread = _routing_summary(routing) if routing else ([], None)
     if rows:
@@ -904,14 +898,8 @@ def _m3ob_lines(result: dict, out: Path, others: dict | None) -> list[str]:
         format_results_table({**report, "results": main_results}),
         "",
     ]
-    verdict = []
-    for base in dict.fromkeys(b for b in ("markov", strongest) if b in res):
-        verdict.append(f"{base} ({', '.join(_point_diffs(model, res[base], ('acc@1', 'acc@5', 'acc@10')))})")
-    if verdict:
-        beats = all(model[m] > res["markov"][m] for m in ("acc@5", "acc@10")) if "markov" in res else False
-        lines += [f"{first} vs {' and vs the strongest simple baseline by MRR, '.join(verdict)}. "
-                  + ("It beats per-user Markov-1 on Acc@5 and Acc@10." if beats
-                     else "It does not beat per-user Markov-1 on both Acc@5 and Acc@10 here."), ""]
+    lines += _verdict_lines(first, model, res, strongest,
+                            "It does not beat per-user Markov-1 on both Acc@5 and Acc@10 here.")
     lines += ["Ablations (same knowledge graph, same samples; long tail = targets among the 20% of locations with the "
               "fewest training visits):", "",
               "| variant | Acc@1 | Acc@5 | Acc@10 | MRR | long-tail Acc@5 | long-tail Acc@10 | long-tail samples | "
@@ -961,6 +949,18 @@ def _m3ob_lines(result: dict, out: Path, others: dict | None) -> list[str]:
               + f"; knowledge graph: `{Path(kg['out'])}` (`datasets.load_dataset(path, 'triples')`). "
               "`mobility evaluate RUN --data DATA [--slice-by COLUMN]` scores any of them.", ""]
     return lines
+
+
+def _verdict_lines(name: str, model: dict, res: dict, strongest: str | None, shortfall: str) -> list[str]:
+    """One paragraph: the model's Acc@1/5/10 differences from per-user Markov-1 and from the strongest simple baseline
+    by MRR, and whether it beats Markov-1 on Acc@5 and Acc@10 (`shortfall` says why not)."""
+    verdict = [f"{base} ({', '.join(_point_diffs(model, res[base], ('acc@1', 'acc@5', 'acc@10')))})"
+               for base in dict.fromkeys(b for b in ("markov", strongest) if b in res)]
+    if not verdict:
+        return []
+    beats = "markov" in res and all(model[m] > res["markov"][m] for m in ("acc@5", "acc@10"))
+    return [f"{name} vs {' and vs the strongest simple baseline by MRR, '.join(verdict)}. "
+            + ("It beats per-user Markov-1 on Acc@5 and Acc@10." if beats else shortfall), ""]
 
 
 def _point_diffs(model: dict, baseline: dict, metrics: tuple[str, ...]) -> list[str]:
