@@ -244,3 +244,18 @@ def test_csv_extra_column_survives_prepare_and_slices_the_cli_evaluation(tmp_pat
     write_dataset(grid, {"samples": {"test": pa.table({"uid": [1]})}}, metadata={"kind": "grid"})
     assert main(["-q", "evaluate", "--data", str(grid), "--slice-by", "weather"]) == 2
     assert "check-in data only" in capsys.readouterr().err
+
+
+def test_small_slices_get_one_line_instead_of_a_table():
+    from train.metrics import ranking_metrics
+
+    res = ranking_metrics(np.array([1.0, 3.0, 30.0]))
+    res["slices"] = {"long_tail": ranking_metrics(np.array([2.0]))}
+    report = {"kind": "checkins", "split": "test", "results": {"m": res},
+              "slice_info": {"long_tail": {"fraction": 0.2, "num_locations": 2, "of_locations": 10,
+                                           "max_train_visits": 1}}}
+    full = format_results_table(report)
+    assert full.count("| m |") == 2  # the main table and the long-tail table
+    short = format_results_table(report, min_slice_samples=20)
+    assert short.count("| m |") == 1 and ": 1 sample(s), too few for a table" in short
+    assert short.split("\n")[-1].startswith("Long-tail targets (bottom 20% of locations")

@@ -386,12 +386,13 @@ def _slice_title(name: str, info: dict) -> str:
     return f"Samples with {name}:"
 
 
-def format_results_table(report: dict) -> str:
+def format_results_table(report: dict, *, min_slice_samples: int = 1) -> str:
     """A Markdown table of ``evaluate_baselines`` (or model) results; ranking metrics shown x100.
 
     For check-ins, after the main table (and the unseen-target tables when there are unseen targets), one table per
     slice (``"slices"`` of the results, :func:`sample_slices`): the long-tail targets, then each ``COLUMN=value``, each
-    with the results that have it.
+    with the results that have it. A slice with fewer than ``min_slice_samples`` samples gets one line instead of a
+    table (its metrics stay in the report).
     """
     results = report["results"]
     if report["kind"] == "checkins":
@@ -409,8 +410,13 @@ def format_results_table(report: dict) -> str:
         for name in slice_names:
             parts.append((name, _slice_title(name, info),
                           {n: r["slices"][name] for n, r in results.items() if name in (r.get("slices") or {})}))
-        for _key, title, subset in parts:
+        for key, title, subset in parts:
             if not subset:
+                continue
+            size = max(r["num_samples"] for r in subset.values())
+            if key not in ("unseen", "unseen_candidates") and size < min_slice_samples:
+                lines += ["", f"{title.rstrip(':')}: {size:,} sample(s), too few for a table (their metrics are "
+                          "in the JSON report)."]
                 continue
             lines += ["", title, "", "| model | " + " | ".join(_HEADERS[c] for c in cols) + " | samples |",
                       "|---|" + "---:|" * (len(cols) + 1)]
