@@ -943,8 +943,8 @@ def _m3ob_lines(result: dict, out: Path, others: dict | None) -> list[str]:
                   + (f" ({agree['agreement']:.0%})" if agree["categories"] else "")
                   + f"; its answers by activity: {acts['llm_counts']}. A 135 M-parameter model is a weak labeller; "
                   "pass a larger one with `mobility data kg --activity-model MODEL`.", ""]
-    lines += ["The fused location embeddings of the full model (PCA below) are shaped mostly by who visits a place and "
-              "when (the ID branch and the visit relations), only loosely by its category.", "",
+    lines += ["A PCA of the full model's fused location embeddings, coloured by top-level category (each axis gives "
+              "its component's share of the variance):", "",
               "![M3ob fused embeddings](m3ob_embeddings.png)", "",
               "Run folders: " + ", ".join(f"`{r}`" for r in result["runs"].values())
               + f"; knowledge graph: `{Path(kg['out'])}` (`datasets.load_dataset(path, 'triples')`). "
