@@ -206,5 +206,6 @@ def test_qtmob_smollm_comparison_lines_state_costs_and_verdict():
     assert "| qtmob-smollm2 | 12 | 180 s | 60 s | 1.20 s |" in text and "| qtmob | 600 | 120 s | 5 s | 0.10 s |" in text
     assert "a SmolLM2 step takes 15.0 s" in text and "about 2.5 h" in text and "240 s in all" in text
     assert "does not beat the tiny one (Acc@10 2.0 vs 60.0)" in text and "| markov |" in text
+    assert "(sft/qtmob-smollm2/training_curve.png)" in text
     result["report"]["results"]["qtmob-smollm2"] = res(0.7)
     assert "beats the tiny one (Acc@10 70.0 vs 60.0)" in "\n".join(_qtmob_smollm_lines(result))

@@ -192,7 +192,10 @@ def _qtmob_smollm_lines(result: dict) -> list[str]:
         + f" the tiny one (Acc@10 {100 * smol['acc@10']:.1f} vs {100 * tiny['acc@10']:.1f})"
         + (": its new code tokens start from the mean embedding and need thousands of steps (the paper's setting, a "
            "GPU: `qtmob_paper.yaml`)" if smol["acc@10"] <= tiny["acc@10"] else "")
-        + "; this comparison says what 2 CPU cores buy, not whether pretraining helps at scale.",
+        + "; this comparison says what 2 CPU cores buy, not whether pretraining helps at scale. Its training loss "
+        "over the demo's steps:",
+        "",
+        "![SmolLM2 training curve](sft/qtmob-smollm2/training_curve.png)",
         "",
     ]
 
