@@ -97,14 +97,16 @@ def test_threshold_routing_hand_worked_cases():
     torch.testing.assert_close(threshold_routing(probs, 1.0, 4), probs)
     torch.testing.assert_close(threshold_routing(probs, 1.0, 3), torch.tensor([[0.1, 0.5, 0.3, 0.0]]) / 0.9)
     # leading dimensions and gradients only through the kept probabilities
-    logits = torch.randn(2, 3, 6, requires_grad=True)
+    logits = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
     p = logits.softmax(-1)
     weights = threshold_routing(p, 0.7, 3)
     assert weights.shape == (2, 3, 6)
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3))
     assert ((weights > 0).sum(-1) <= 3).all()
     leaf = p.detach().requires_grad_(True)
-    threshold_routing(leaf, 0.7, 3)[..., 0].sum().backward()
+    # a weighted sum over the experts: every kept probability gets a gradient (only expert 0's weight would give
+    # none in a row that does not keep expert 0)
+    (threshold_routing(leaf, 0.7, 3) * torch.arange(1.0, 7.0)).sum().backward()
     kept = threshold_routing(leaf.detach(), 0.7, 3) > 0
     assert (leaf.grad[~kept] == 0).all() and (leaf.grad[kept] != 0).any()
     with pytest.raises(ValueError, match="threshold"):
@@ -564,3 +566,24 @@ def test_input_validation():
     padded = random_batch(history_lengths=[8, 2, 0, 5])
     padded["history_time"][~padded["history_mask"]] = 99
     assert torch.isfinite(model(**padded).xy).all()
+
+
+def test_predict_offset_starts_from_the_last_real_current_record():
+    """With `predict_offset`, a zero location head predicts the last real record of the current window (left padding
+    ignored); without it, the coordinate mean. The option survives a config round trip."""
+    batch = random_batch(batch=3, current_lengths=[3, 1, 2])
+    for offset in (True, False):
+        model = tiny_model(predict_offset=offset, coord_mean=[100.0, -200.0])
+        with torch.no_grad():
+            model.location_head.weight.zero_()
+            xy = model(**batch).xy
+        expected = batch["current_xy"][:, -1] if offset else torch.tensor([[100.0, -200.0]]).expand(3, 2)
+        torch.testing.assert_close(xy, expected.float())
+    short = random_batch(batch=3, current=2, current_lengths=[2, 1, 2])
+    model = tiny_model(predict_offset=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**left_pad(short, HISTORY, CURRENT)).xy, model(**short).xy, rtol=1e-4,
+                                   atol=1e-2)
+    assert NextLocMoEConfig.from_dict(model.config.to_dict()).predict_offset is True
+    with pytest.raises(ValueError, match="predict_offset"):
+        tiny_config(predict_offset="yes")

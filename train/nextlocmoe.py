@@ -157,8 +157,8 @@ class NextLocMoERecipe:
             its tokens go through every layer of the backbone for every sample, so a shorter one is cheaper).
         location_dim, time_dim, duration_dim, tcn_levels, tcn_kernel_size, tcn_dropout, function_top_k,
         router_hidden_size, lora_rank, lora_alpha, lora_dropout, routing, routing_threshold, max_experts,
-        routing_top_k, entropy_weight, load_balance_weight: see `NextLocMoEConfig` (paper: 128, 16, 16, 5, 4, 0.1, 2,
-            128, 16, 16, 0.02, threshold, 0.8, 5, 2, 300, 0).
+        routing_top_k, entropy_weight, load_balance_weight, predict_offset: see `NextLocMoEConfig` (paper: 128, 16, 16,
+            5, 4, 0.1, 2, 128, 16, 16, 0.02, threshold, 0.8, 5, 2, 300, 0, false).
         max_train_samples (`int`, *optional*): train on a random subset of this many training samples (the published
             code keeps every 20th window; on CPU the subset bounds the cost).
         max_validation_samples (`int`, *optional*): validation samples used for the per-epoch loss.
@@ -202,6 +202,7 @@ class NextLocMoERecipe:
     routing_top_k: int = 2
     entropy_weight: float = 300.0
     load_balance_weight: float = 0.0
+    predict_offset: bool = False
     max_train_samples: int | None = None
     max_validation_samples: int | None = None
     batch_size: int = 32
@@ -258,7 +259,7 @@ class NextLocMoERecipe:
         keys = ("history_length", "current_length", "location_dim", "time_dim", "duration_dim", "tcn_levels",
                 "tcn_kernel_size", "tcn_dropout", "function_top_k", "router_hidden_size", "lora_rank", "lora_alpha",
                 "lora_dropout", "routing", "routing_threshold", "max_experts", "routing_top_k", "entropy_weight",
-                "load_balance_weight")
+                "load_balance_weight", "predict_offset")
         kwargs = {k: getattr(self, k) for k in keys}
         kwargs["moe_layers"] = self.moe_layer_list()
         return kwargs
@@ -634,6 +635,7 @@ def _train(data_dir, output_dir, recipe: NextLocMoERecipe) -> NextLocMoETraining
         "moe_layers": list(model.config.moe_layers),
         "routing": model.config.routing,
         "load_balance_weight": model.config.load_balance_weight,
+        "predict_offset": model.config.predict_offset,
         "data": str(data.path.resolve()),
         "num_locations": int(data.table("locations").num_rows),
         "train_samples": len(train),
@@ -901,7 +903,9 @@ def build_model_card(info: dict, metrics: dict | None = None, recipe: str | None
         "Adam with ReduceLROnPlateau, and the TCN has no weight norm."
         + (f" The loss adds a load-balancing term (weight {info['load_balance_weight']:g}, an hf-mobility choice that "
            "the paper does not have): with the paper's loss alone the router sent every token to one expert."
-           if info.get("load_balance_weight") else ""),
+           if info.get("load_balance_weight") else "")
+        + (" The head regresses the step from the last visited place (`predict_offset`, an hf-mobility choice), not "
+           "the absolute position." if info.get("predict_offset") else ""),
         "",
         "## Training",
         "",

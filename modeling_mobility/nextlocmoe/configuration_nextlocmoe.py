@@ -185,6 +185,10 @@ class NextLocMoEConfig(PreTrainedConfig):
             updates start at zero, so all experts are equal and, at first, only the entropy term moves the router, which
             then collapses onto one expert for every token (only that expert ever trains); a small weight keeps
             different tokens on different experts while the entropy term keeps each token's routing confident.
+        predict_offset (`bool`, *optional*, defaults to `False`):
+            Regress the step from the last real record of the current window (`xy = last + head * coord_std`) instead of
+            the absolute position (`xy = coord_mean + head * coord_std`, the paper). An hf-mobility choice: the
+            prediction then starts at the last visited place, and the head learns where people go from there.
         coord_mean (`list[float]`, *optional*, defaults to `[0.0, 0.0]`):
             Mean of the (x, y) Web-Mercator coordinates in metres, for z-scoring (set from the training split).
         coord_std (`list[float]`, *optional*, defaults to `[1000.0, 1000.0]`):
@@ -247,6 +251,7 @@ class NextLocMoEConfig(PreTrainedConfig):
         routing_top_k: int = 2,
         entropy_weight: float = 300.0,
         load_balance_weight: float = 0.0,
+        predict_offset: bool = False,
         coord_mean: list[float] | tuple[float, float] = (0.0, 0.0),
         coord_std: list[float] | tuple[float, float] = (1000.0, 1000.0),
         duration_min_hours: float = 0.1,
@@ -333,6 +338,9 @@ class NextLocMoEConfig(PreTrainedConfig):
             )
         self.entropy_weight = _check_float("entropy_weight", entropy_weight, minimum=0.0)
         self.load_balance_weight = _check_float("load_balance_weight", load_balance_weight, minimum=0.0)
+        if not isinstance(predict_offset, bool):
+            raise ValueError(f"`predict_offset` must be a bool, got {predict_offset!r}.")
+        self.predict_offset = predict_offset
 
         self.coord_mean = _check_pair("coord_mean", coord_mean)
         self.coord_std = _check_pair("coord_std", coord_std, positive=True)

@@ -847,7 +847,14 @@ class NextLocMoEForNextLocation(NextLocMoEPreTrainedModel):
         final = hidden[rows, last].to(self.location_head.weight.dtype)  # (B, D)
         mean = torch.tensor(config.coord_mean, device=device, dtype=torch.float32)
         std = torch.tensor(config.coord_std, device=device, dtype=torch.float32)
-        xy = self.location_head(final).float() * std + mean  # (B, 2) metres
+        step = self.location_head(final).float() * std  # (B, 2) metres
+        if config.predict_offset:  # from the last real record of the current window (the mean without one)
+            current_steps = torch.arange(1, current_mask.shape[1] + 1, device=device)
+            last_current = (current_mask.long() * current_steps).argmax(1)  # (B,)
+            anchor = torch.where(current_mask.any(1, keepdim=True), current_xy[rows, last_current].float(), mean)
+            xy = anchor + step
+        else:
+            xy = step + mean  # (B, 2) metres
         low, high = config.duration_min_hours, config.duration_max_hours
         duration = low + F.relu(self.duration_head(final).float().squeeze(-1)) * (high - low)  # (B,) hours
 
