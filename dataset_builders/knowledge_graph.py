@@ -76,6 +76,7 @@ __all__ = [
     "build_knowledge_graph",
     "build_parser",
     "compare_activity_mappings",
+    "format_summary",
     "load_knowledge_graph",
     "load_transe",
     "location_embeddings",
@@ -1391,43 +1392,37 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse ``argv``, run [`make_knowledge_graph`], print a short summary; returns the summary dict."""
-    args = build_parser().parse_args(argv)
-    summary = make_knowledge_graph(
-        args.data, args.out, activities=args.activities, activity_model=args.activity_model,
-        activity_cache=args.activity_cache, transe=not args.no_transe, transe_epochs=args.transe_epochs,
-        embedding_dim=args.embedding_dim, seed=args.seed,
-    )
+def format_summary(summary: dict[str, Any]) -> str:
+    """The lines ``mobility data kg`` prints for a [`make_knowledge_graph`] summary."""
     kg = summary["knowledge_graph"]
-    print(f"wrote {summary['out']}: {kg['num_entities']:,} entities "
-          f"({', '.join(f'{n:,} {t}' for t, n in kg['entities'].items())}), {kg['num_triples']:,} triples")
-    print("triples per relation: " + ", ".join(f"{r} {n:,}" for r, n in kg["triples"].items()))
+    lines = [f"wrote {summary['out']}: {kg['num_entities']:,} entities "
+             f"({', '.join(f'{n:,} {t}' for t, n in kg['entities'].items())}), {kg['num_triples']:,} triples",
+             "triples per relation: " + ", ".join(f"{r} {n:,}" for r, n in kg["triples"].items())]
     acts = summary["activities"]
-    print(f"activities: {acts['source']}")
+    lines.append(f"activities: {acts['source']}")
     if "llm_stats" in acts:
         s, a = acts["llm_stats"], acts["agreement"]
         share = "n/a" if a["agreement"] is None else format(a["agreement"], ".0%")
-        print(f"LLM answers: {s['valid']} valid, {s['invalid']} invalid (encoder mapping used), {s['cached']} cached; "
-              f"valid answers agreeing with the encoder mapping: {share}")
+        lines.append(f"LLM answers: {s['valid']} valid, {s['invalid']} invalid (encoder mapping used), {s['cached']} "
+                     f"cached; valid answers agreeing with the encoder mapping: {share}")
     if "transe" in summary:
         t = summary["transe"]
         m = t["metrics"]
         if m:
-            print(f"TransE ({t['settings']['train_seconds']:.1f}s): MRR {m['transe']['mrr']:.4f} "
-                  f"(random {m['random']['mrr']:.4f}), Hits@10 {m['transe']['hits@10']:.4f} "
-                  f"(random {m['random']['hits@10']:.4f}) on {m['test_triples']:,} held-out triples")
-        print(f"embeddings: {t['folder']}")
-    print(f"load with: datasets.load_dataset('{summary['out']}', 'triples')")
-    return summary
+            lines.append(f"TransE ({t['settings']['train_seconds']:.1f}s): MRR {m['transe']['mrr']:.4f} "
+                         f"(random {m['random']['mrr']:.4f}), Hits@10 {m['transe']['hits@10']:.4f} "
+                         f"(random {m['random']['hits@10']:.4f}) on {m['test_triples']:,} held-out triples")
+        lines.append(f"embeddings: {t['folder']}")
+    lines.append(f"load with: datasets.load_dataset('{summary['out']}', 'triples')")
+    return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    import sys
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main()
-    except (ValueError, OSError) as err:
-        print(f"mobility data kg: error: {err}", file=sys.stderr)
-        sys.exit(2)
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv`` (the options of ``mobility data kg``) and run [`make_knowledge_graph`]; returns the summary
+    (the CLI prints [`format_summary`] of it)."""
+    args = build_parser().parse_args(argv)
+    return make_knowledge_graph(
+        args.data, args.out, activities=args.activities, activity_model=args.activity_model,
+        activity_cache=args.activity_cache, transe=not args.no_transe, transe_epochs=args.transe_epochs,
+        embedding_dim=args.embedding_dim, seed=args.seed,
+    )

@@ -19,6 +19,7 @@ from dataset_builders.knowledge_graph import (
     activities_from_table,
     build_knowledge_graph,
     compare_activity_mappings,
+    format_summary,
     load_knowledge_graph,
     load_transe,
     location_embeddings,
@@ -388,9 +389,11 @@ def test_main_on_small_city(small_city_dir, tmp_path, capsys):
     table = tmp_path / "acts.csv"
     pd.DataFrame({"category": sorted({c for c in categories if c}), "activity": "errands"}).to_csv(table, index=False)
     out = tmp_path / "kg"
+    from train.cli import main as cli_main
+
     summary = main(["--data", str(small_city_dir), "--out", str(out), "--activities", str(table),
                     "--transe-epochs", "3", "--embedding-dim", "8"])
-    printed = capsys.readouterr().out
+    printed = format_summary(summary)
     assert "entities" in printed and "TransE" in printed
     kg = load_knowledge_graph(out)
     assert summary["knowledge_graph"] == kg.summary()
@@ -405,3 +408,8 @@ def test_main_on_small_city(small_city_dir, tmp_path, capsys):
     assert not held & set(triples.loc[triples["relation_name"] != "has_category", ["head_name", "tail_name"]]
                           .to_numpy().ravel())
     assert summary["transe"]["metrics"]["transe"]["mrr"] > 0
+    # the public command prints the same summary
+    capsys.readouterr()
+    assert cli_main(["-q", "data", "kg", "--data", str(small_city_dir), "--out", str(tmp_path / "kg2"), "--activities",
+                     str(table), "--transe-epochs", "2", "--embedding-dim", "8"]) == 0
+    assert "triples per relation" in capsys.readouterr().out and (tmp_path / "kg2" / "transe").is_dir()

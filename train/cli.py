@@ -521,9 +521,10 @@ def _train_m3ob(args) -> None:
 
 
 def _data_kg(args) -> None:
+    from dataset_builders.knowledge_graph import format_summary
     from dataset_builders.knowledge_graph import main as kg_main
 
-    kg_main(args.recipe_args)
+    print(format_summary(kg_main(args.recipe_args)))
 
 
 def _run_method(run_dir: Path) -> str | None:
