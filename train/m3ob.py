@@ -283,18 +283,15 @@ def _location_categories(data: PreparedDataset, location_ids: list[str], activit
     return categories, activities, location_categories, category_activities
 
 
-def _image_features(data: PreparedDataset, recipe: M3obRecipe, location_ids: list[str]):
-    """Frozen image features in location-table order and their provenance, or `(None, {...})` when the image
-    modality is off or no location has an image."""
+def _image_features(data: PreparedDataset, recipe: M3obRecipe):
+    """Frozen image features in location-table order (the order of the model's location vocabulary) and their
+    provenance, or `(None, {...})` when the image modality is off or no location has an image."""
     if "image" not in recipe.modality_list():
         return None, {"modality": "off (ID-only model)"}
     from .image_features import location_image_features
 
     result = location_image_features(data, images=recipe.images, encoder=recipe.image_encoder,
                                      image_size=recipe.image_size, progress=recipe.progress)
-    table_ids = data.table("locations").column("location_id").to_pylist()
-    if table_ids != list(location_ids):
-        raise ValueError("internal: the image features are not in the order of the model's location vocabulary")
     source = dict(result.source)
     if not result.present.any():
         logger.warning("no location has an image: the image branch is off and the model is ID-only")
@@ -318,7 +315,7 @@ def build_inputs(data: PreparedDataset, out: Path, recipe: M3obRecipe) -> M3obIn
     kg_embeddings = location_embeddings(kg, transe, location_ids)
     categories, activities, location_categories, category_activities = _location_categories(
         data, location_ids, kg.activities)
-    image_features, image_source = _image_features(data, recipe, location_ids)
+    image_features, image_source = _image_features(data, recipe)
     kg_source.update(transe_metrics=transe.metrics, summary=kg.summary())
     return M3obInputs(location_ids=location_ids, user_ids=user_ids, kg_embeddings=kg_embeddings,
                       categories=categories, activities=activities, location_categories=location_categories,
