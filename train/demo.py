@@ -769,9 +769,9 @@ def run_m3ob_demo(
         graph summary), "activities" (the comparison, or None), "seconds"}`.
     """
     from dataset_builders.knowledge_graph import (
-        activities_from_encoder,
         activities_from_llm,
         compare_activity_mappings,
+        load_knowledge_graph,
         make_knowledge_graph,
     )
     from dataset_builders.publish import load_prepared
@@ -786,9 +786,8 @@ def run_m3ob_demo(
     activities = None
     if activity_model:
         t0 = time.time()
-        locations = load_prepared(data_dir).table("locations")
-        categories = sorted({str(c) for c in locations.column("category").to_pylist() if c})
-        by_encoder = activities_from_encoder(categories)
+        by_encoder = load_knowledge_graph(out / "kg").activities.to_pandas()  # the MiniLM mapping the graph uses
+        categories = by_encoder["category"].tolist()
         by_llm, stats = activities_from_llm(categories, activity_model, cache_path=out / "activity_answers.json",
                                             fallback=by_encoder, progress=progress, return_stats=True)
         answered = by_llm[by_llm["source"] == "llm"]

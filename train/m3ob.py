@@ -274,9 +274,8 @@ def _location_categories(data: PreparedDataset, location_ids: list[str], activit
     cat_index = {c: i for i, c in enumerate(categories)}
     locations = data.table("locations").to_pandas().set_index("location_id")
     if "category" in locations:
-        values = locations["category"].reindex(location_ids)
-        location_categories = np.array([cat_index.get(str(v), -1) if pd.notna(v) else -1 for v in values],
-                                       dtype=np.int64)
+        rows = locations["category"].reindex(location_ids).map(cat_index)  # NaN: no category, or not in the mapping
+        location_categories = rows.fillna(-1).to_numpy(dtype=np.int64)
     else:
         location_categories = np.full(len(location_ids), -1, dtype=np.int64)
     category_activities = np.array([activities.index(mapping[c]) for c in categories], dtype=np.int64)
