@@ -3,6 +3,7 @@
 ```
 mobility data synth   --out raw/ [--kind checkins|grid] [--users N] [--locations M] [--seed S]
 mobility data prepare --format foursquare --input raw/checkins.txt --locations raw/pois.csv --out data/
+mobility data grid-visits --data grid_data/ --out grid_checkins/   # a prepared grid as check-ins (stays at cells)
 mobility train location-tokenizer --data data/ --output-dir runs/loctok/
 mobility data instructions --data data/ --tokenizer runs/loctok/ --out ins/ [--location-format id]
 mobility train sft    --config train/recipes/qtmob_demo.yaml --instructions ins/ --output_dir runs/qtmob/
@@ -46,6 +47,14 @@ def _parse_fractions(text: str) -> tuple[float, ...]:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated fractions like 0.8,0.1,0.1, got {text!r}") from None
+
+
+def _parse_origin(text: str) -> tuple[float, float]:
+    try:
+        lat, lon = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LAT,LON like 35.0,135.0, got {text!r}") from None
+    return lat, lon
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--user-fractions", type=_parse_fractions, default=(0.8, 0.1, 0.1),
                       help="grid only: train,validation,test shares of users (default 0.8,0.1,0.1)")
     prep.add_argument("--grid-size", type=int, default=200, help="grid only: cells per side (default 200)")
+
+    gv = data_sub.add_parser(
+        "grid-visits",
+        help="turn a prepared grid dataset into a check-in dataset (visits = stays, cells = locations)",
+        description="Convert a grid dataset from `mobility data prepare --format yjmob` into a check-in dataset that "
+        "every check-in model and baseline reads: per user, consecutive records in one cell merge into one visit "
+        "(a stay); every cell with a visit becomes a location at its centre (nominal coordinates); the grid's user "
+        "split is kept (train check-ins also hold the input days of the validation and test users, whose target-day "
+        "visits are the validation and test samples). Prints a one-line summary; the row account is in the card.",
+    )
+    gv.add_argument("--data", required=True, type=Path, help="a grid dataset folder from `mobility data prepare`")
+    gv.add_argument("--out", required=True, type=Path, help="output check-in dataset folder (replaced if it is ours)")
+    gv.add_argument("--cell-size-m", type=float, default=500.0, help="cell side in metres (default 500, HuMob)")
+    gv.add_argument("--origin", type=_parse_origin, default=(35.0, 135.0),
+                    help="LAT,LON of the grid's north-west corner (default 35.0,135.0; nominal: grid data is "
+                    "anonymised, so distances are right and places are not)")
+    gv.add_argument("--history-days", type=int, default=7,
+                    help="history window in days, the target's own day included (default 7)")
+    gv.add_argument("--min-history", type=int, default=1,
+                    help="skip (and count) targets with fewer history visits (default 1)")
 
     train = sub.add_parser("train", help="train a method's model or tokenizer")
     train_sub = train.add_subparsers(dest="train_command", required=True, metavar="SUBCOMMAND")
@@ -421,6 +450,22 @@ def _prepare(args) -> None:
     print(f"load it with: datasets.load_dataset('{out}', 'samples')")
 
 
+def _grid_visits(args) -> None:
+    from dataset_builders.grid_visits import grid_to_checkins
+    from dataset_builders.publish import load_prepared
+
+    t0 = time.time()
+    out = grid_to_checkins(args.data, args.out, cell_size_m=args.cell_size_m, origin=args.origin,
+                           history_days=args.history_days, min_history=args.min_history)
+    meta = load_prepared(out).metadata
+    c = meta["grid_conversion"]
+    samples = ", ".join(f"{split} {n:,}" for split, n in c["samples"].items())
+    print(f"wrote {out}: {c['records']:,} records -> {c['visits']:,} visits ({c['merged_records']:,} merged) of "
+          f"{meta['num_users']:,} users at {meta['num_locations']:,} cells; samples: {samples} "
+          f"({c['short_history']:,} skipped for a short history; {c['hidden_split_users']:,} hidden-split users "
+          f"left out) in {time.time() - t0:.1f}s")
+
+
 def _train_location_tokenizer(args) -> None:
     from .location_tokenizer import build_location_tokenizer
 
@@ -697,7 +742,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     from dataset_builders.schema import DataValidationError
 
-    handlers = {"synth": _synth, "prepare": _prepare, "instructions": _instructions, "kg": _data_kg}
+    handlers = {"synth": _synth, "prepare": _prepare, "grid-visits": _grid_visits, "instructions": _instructions,
+                "kg": _data_kg}
     try:
         if args.command == "data":
             handlers[args.data_command](args)
