@@ -15,6 +15,7 @@ from train.nextlocmoe import (
     kdtree_ranks,
     load_recipe,
     mercator_xy,
+    pointer_ranks,
     train_nextlocmoe,
 )
 
@@ -46,6 +47,30 @@ def test_kdtree_ranks_of_a_known_point():
         kdtree_ranks(np.array([[np.nan, 0.0]]), cand, np.array([0]))
     with pytest.raises(ValueError, match="shape"):
         kdtree_ranks(pred, cand[:, :1], np.array([0, 0, 0, 0]))
+
+
+def test_pointer_ranks_hand_worked():
+    """Window places first by summed pointer mass, then the other candidates by distance from the point; ties
+    against the model."""
+    cand = np.array([[0.0, 0.0], [10.0, 0.0], [20.0, 0.0], [30.0, 0.0], [40.0, 0.0]])
+    window = np.array([[1, 1, 3], [-1, 1, 3], [1, 3, -1], [2, 4, 2]])
+    probs = np.array([[0.2, 0.3, 0.4], [0.0, 0.5, 0.4], [0.5, 0.4, 0.0], [0.25, 0.5, 0.25]])
+    pred = np.zeros((4, 2))
+    # row 0: place 1 has 0.5, place 3 0.4 -> target 3 ranks 2; row 1: target 4 is outside the window: 2 window places,
+    # then 0 (0 m), 2 (20 m), 4 (40 m) -> 5; row 2: target 0 -> 2 + 1; row 3: places 2 and 4 tie at 0.5 -> 2
+    ranks = pointer_ranks(window, probs, pred, cand, np.array([3, 4, 0, 2]))
+    assert ranks.tolist() == [2.0, 5.0, 3.0, 2.0]
+    ranks = pointer_ranks(window, probs, pred, cand, np.array([1, -1, 3, 0]))
+    assert ranks[0] == 1 and np.isinf(ranks[1]) and ranks[2] == 2 and ranks[3] == 3
+    # without any window visit the ranking is the point's (kdtree_ranks)
+    empty = np.full((4, 3), -1)
+    target = np.array([0, 1, 2, 4])
+    assert np.array_equal(pointer_ranks(empty, np.zeros((4, 3)), pred, cand, target),
+                          kdtree_ranks(pred, cand, target)[0])
+    with pytest.raises(ValueError, match="shape"):
+        pointer_ranks(window, probs[:, :2], pred, cand, target)
+    with pytest.raises(ValueError, match="beyond"):
+        pointer_ranks(window + 5, probs, pred, cand, target)
 
 
 def test_windows_come_from_the_visits_before_the_target(small_city_dir):

@@ -587,3 +587,64 @@ def test_predict_offset_starts_from_the_last_real_current_record():
     assert NextLocMoEConfig.from_dict(model.config.to_dict()).predict_offset is True
     with pytest.raises(ValueError, match="predict_offset"):
         tiny_config(predict_offset="yes")
+
+
+def test_history_pointer_probabilities_and_likelihood_by_hand():
+    """`history_pointer`: probabilities over the real visits plus "elsewhere" sum to 1, are 0 on padding, and
+    `pointer_nll` is minus the log of the mass on the visits at the label's coordinates (summed over repeated visits),
+    or of "elsewhere" when no real visit is there (a padded step with the label's coordinates does not count)."""
+    batch = random_batch(batch=3, history_lengths=[8, 5, 2], current_lengths=[3, 3, 1])
+    batch["history_xy"][0, 2] = batch["current_xy"][0, -1]  # row 0: the target visited twice
+    batch["history_xy"][1, 0] = torch.tensor([1.0, 2.0])  # row 1: on a padded step only
+    labels = torch.stack([batch["current_xy"][0, -1], torch.tensor([1.0, 2.0]), batch["history_xy"][2, -1]])
+    model = tiny_model(history_pointer=True, pointer_size=8)
+    with torch.no_grad():
+        out = model(**batch, labels=labels)
+    probs = out.pointer_probs
+    assert probs.shape == (3, HISTORY + CURRENT + 1)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+    mask = torch.cat([batch["history_mask"], batch["current_mask"]], dim=1)
+    assert (probs[:, :-1][~mask] == 0).all() and (probs[:, :-1][mask] > 0).all()
+    expected = torch.stack([
+        -torch.log(probs[0, 2] + probs[0, HISTORY + CURRENT - 1]),
+        -torch.log(probs[1, -1]),
+        -torch.log(probs[2, HISTORY - 1]),
+    ])
+    torch.testing.assert_close(out.pointer_nll, expected)
+    without = tiny_model(history_pointer=False)
+    with torch.no_grad():
+        plain = without(**batch, labels=labels)
+    assert plain.pointer_probs is None and plain.pointer_nll is None
+    # the loss adds pointer_weight x the mean likelihood term to the paper's loss
+    config = model.config
+    paper = (out.distance.mean() + config.entropy_weight * out.router_entropy)
+    torch.testing.assert_close(out.loss, paper + config.pointer_weight * out.pointer_nll.mean())
+    assert NextLocMoEConfig.from_dict(config.to_dict()).history_pointer is True
+    for bad, message in (({"history_pointer": 1}, "history_pointer"), ({"pointer_size": 0}, "pointer_size"),
+                         ({"pointer_weight": -1.0}, "pointer_weight")):
+        with pytest.raises(ValueError, match=message):
+            tiny_config(**bad)
+
+
+def test_history_pointer_learns_to_point_at_a_repeated_place():
+    """A learnable pointing task: the next place is the history visit whose hour is 7 (anywhere in the window); the
+    pointer's likelihood of it rises well above chance."""
+    model = tiny_model(history_pointer=True, tcn_dropout=0.0, lora_dropout=0.0, role_names=["a", "b"],
+                       max_experts=2).train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    nlls = []
+    for step in range(80):
+        batch = random_batch(batch=32, seed=500 + step)
+        g = torch.Generator().manual_seed(step)
+        where = torch.randint(0, HISTORY, (32,), generator=g)
+        batch["history_time"][..., 1] = torch.where(batch["history_time"][..., 1] == 7, 8, batch["history_time"][..., 1])
+        batch["history_time"][torch.arange(32), where, 1] = 7
+        labels = batch["history_xy"][torch.arange(32), where]
+        out = model(**batch, labels=labels)
+        optimizer.zero_grad()
+        (out.pointer_nll.mean()).backward()
+        optimizer.step()
+        nlls.append(out.pointer_nll.mean().item())
+    chance = math.log(HISTORY + CURRENT + 1)
+    assert np.mean(nlls[:5]) > 0.8 * chance, nlls[:5]
+    assert np.mean(nlls[-10:]) < 0.5 * chance, nlls[-10:]

@@ -189,6 +189,18 @@ class NextLocMoEConfig(PreTrainedConfig):
             Regress the step from the last real record of the current window (`xy = last + head * coord_std`) instead of
             the absolute position (`xy = coord_mean + head * coord_std`, the paper). An hf-mobility choice: the
             prediction then starts at the last visited place, and the head learns where people go from there.
+        history_pointer (`bool`, *optional*, defaults to `False`):
+            Add a pointer head over the visits of the two windows (an hf-mobility choice; the paper has only the point
+            regression): attention from the last position to every real visit, plus one "elsewhere" logit, trained by
+            the log-likelihood of the visits at the target's coordinates (or of "elsewhere" when the target is not in
+            the windows). Ranking then puts the window's places first, by pointer mass, and every other candidate
+            after them by distance from the regressed point. A point regressor averages between the places a user
+            may go next; the pointer can rank each of them. The regression head and its loss are unchanged.
+        pointer_size (`int`, *optional*, defaults to 128):
+            Width of the pointer's query and key projections.
+        pointer_weight (`float`, *optional*, defaults to 1000.0):
+            Weight of the pointer's negative log-likelihood (nats) next to the distance loss (metres): one nat counts
+            as much as one kilometre.
         coord_mean (`list[float]`, *optional*, defaults to `[0.0, 0.0]`):
             Mean of the (x, y) Web-Mercator coordinates in metres, for z-scoring (set from the training split).
         coord_std (`list[float]`, *optional*, defaults to `[1000.0, 1000.0]`):
@@ -252,6 +264,9 @@ class NextLocMoEConfig(PreTrainedConfig):
         entropy_weight: float = 300.0,
         load_balance_weight: float = 0.0,
         predict_offset: bool = False,
+        history_pointer: bool = False,
+        pointer_size: int = 128,
+        pointer_weight: float = 1000.0,
         coord_mean: list[float] | tuple[float, float] = (0.0, 0.0),
         coord_std: list[float] | tuple[float, float] = (1000.0, 1000.0),
         duration_min_hours: float = 0.1,
@@ -341,6 +356,11 @@ class NextLocMoEConfig(PreTrainedConfig):
         if not isinstance(predict_offset, bool):
             raise ValueError(f"`predict_offset` must be a bool, got {predict_offset!r}.")
         self.predict_offset = predict_offset
+        if not isinstance(history_pointer, bool):
+            raise ValueError(f"`history_pointer` must be a bool, got {history_pointer!r}.")
+        self.history_pointer = history_pointer
+        self.pointer_size = _check_int("pointer_size", pointer_size, 1)
+        self.pointer_weight = _check_float("pointer_weight", pointer_weight, minimum=0.0)
 
         self.coord_mean = _check_pair("coord_mean", coord_mean)
         self.coord_std = _check_pair("coord_std", coord_std, positive=True)

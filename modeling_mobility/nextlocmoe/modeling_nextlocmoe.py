@@ -141,8 +141,8 @@ class NextLocMoEOutput(ModelOutput):
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*):
             Mean Euclidean distance (metres) between predicted and true coordinates + `config.entropy_weight` x
-            `router_entropy` (+ `config.load_balance_weight` x `load_balance` when that weight is set; returned when
-            `labels` is given).
+            `router_entropy` (+ `config.load_balance_weight` x `load_balance` when that weight is set, +
+            `config.pointer_weight` x `pointer_nll` with `config.history_pointer`; returned when `labels` is given).
         distance (`torch.FloatTensor` of shape `(batch_size,)`, *optional*):
             Euclidean distance (metres) of each prediction to its label (returned when `labels` is given).
         xy (`torch.FloatTensor` of shape `(batch_size, 2)`):
@@ -163,6 +163,12 @@ class NextLocMoEOutput(ModelOutput):
         function_weights (`torch.FloatTensor` of shape `(batch_size, current_steps, num_functions)`):
             Weights of the location-semantics experts per current step (raw softmax probabilities of the top-k, zeros
             elsewhere and on padded steps).
+        pointer_probs (`torch.FloatTensor` of shape `(batch_size, history_steps + current_steps + 1)`, *optional*):
+            With `config.history_pointer`: the pointer's probability of each visit of [history ; current] (0 on
+            padded steps) and, last, of "elsewhere" (a place outside the windows); each row sums to 1.
+        pointer_nll (`torch.FloatTensor` of shape `(batch_size,)`, *optional*):
+            With `config.history_pointer` and `labels`: minus the log of the pointer mass on the visits at the
+            label's coordinates (or on "elsewhere" when no real visit is there).
     """
 
     loss: torch.FloatTensor | None = None
@@ -174,6 +180,8 @@ class NextLocMoEOutput(ModelOutput):
     expert_load: torch.FloatTensor | None = None
     role_weights: torch.FloatTensor | None = None
     function_weights: torch.FloatTensor | None = None
+    pointer_probs: torch.FloatTensor | None = None
+    pointer_nll: torch.FloatTensor | None = None
 
 
 # building blocks
@@ -555,6 +563,10 @@ class NextLocMoEForNextLocation(NextLocMoEPreTrainedModel):
         # heads
         self.location_head = nn.Linear(hidden_size, 2, bias=False)
         self.duration_head = nn.Linear(hidden_size, 1, bias=False)
+        if config.history_pointer:  # an hf-mobility choice (see NextLocMoEConfig.history_pointer)
+            self.pointer_query = nn.Linear(hidden_size, config.pointer_size)
+            self.pointer_key = nn.Linear(hidden_size, config.pointer_size)
+            self.pointer_elsewhere = nn.Linear(hidden_size, 1)
         self.post_init()
 
     # structure
@@ -866,12 +878,33 @@ class NextLocMoEForNextLocation(NextLocMoEPreTrainedModel):
         expert_load = (weights * real).sum((1, 2)) / real.sum().clamp_min(1.0)  # (M, E)
         role_weights = ((weights * real).sum(2) / real.sum(1).clamp_min(1.0)).mean(0)  # (B, E)
 
+        pointer_probs = pointer_nll = None
+        if config.history_pointer:
+            prompt_length = prompt_ids.shape[0]
+            window_mask = token_mask[:, prompt_length:]  # (B, H + C)
+            head_dtype = self.pointer_query.weight.dtype
+            keys = self.pointer_key(hidden[:, prompt_length:].to(head_dtype))  # (B, H + C, K)
+            query = self.pointer_query(final)  # (B, K)
+            logits = (keys @ query[:, :, None]).squeeze(-1).float() / math.sqrt(config.pointer_size)
+            logits = logits.masked_fill(~window_mask, float("-inf"))
+            logits = torch.cat([logits, self.pointer_elsewhere(final).float()], dim=-1)  # (B, H + C + 1)
+            log_probs = logits.log_softmax(-1)
+            pointer_probs = log_probs.exp()
+            if labels is not None:
+                window_xy = torch.cat([history_xy, current_xy], dim=1).float()
+                # the same place always has bit-identical coordinates (one location-table row, one conversion)
+                at_target = (window_xy == labels.float()[:, None, :]).all(-1) & window_mask  # (B, H + C)
+                at_target = torch.cat([at_target, ~at_target.any(1, keepdim=True)], dim=-1)
+                pointer_nll = -log_probs.masked_fill(~at_target, float("-inf")).logsumexp(-1)  # (B,)
+
         loss = distance = None
         if labels is not None:
             distance = torch.linalg.vector_norm(xy - labels.float(), dim=-1)  # (B,)
             loss = distance.mean() + config.entropy_weight * router_entropy
             if config.load_balance_weight:
                 loss = loss + config.load_balance_weight * load_balance
+            if pointer_nll is not None:
+                loss = loss + config.pointer_weight * pointer_nll.mean()
 
         output = NextLocMoEOutput(
             loss=loss,
@@ -883,5 +916,7 @@ class NextLocMoEForNextLocation(NextLocMoEPreTrainedModel):
             expert_load=expert_load,
             role_weights=role_weights,
             function_weights=function_weights,
+            pointer_probs=pointer_probs,
+            pointer_nll=pointer_nll,
         )
         return output if return_dict else output.to_tuple()
