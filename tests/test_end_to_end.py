@@ -116,6 +116,9 @@ def test_demo_writes_report_and_plots(tmp_path, monkeypatch, offline_home):
         assert list(res)[0] == "nextlocmoe" and "markov" in res and "nearest" in res
         assert len({r["num_samples"] for r in res.values()}) == 1 and res["nextlocmoe"]["distance_m"] > 0
     assert nl["second_city"]["normalization"]["per_city"]
+    # the demo recipe's history pointer, and the paper's point ranking beside it
+    assert "point_ranking" in nl["city"]["results"]["nextlocmoe"]
+    assert "The paper's ranking, by distance from the regressed point alone" in report
     by_archetype = nl["city"]["routing"]["by_archetype"]
     assert {"office_worker", "student"} <= set(by_archetype)
     assert "## NextLocMoE" in report and "| mhsa-id |" in report.split("## NextLocMoE")[1]

@@ -125,19 +125,42 @@ def test_recipe_validation():
     assert paper.moe_layer_list() == [8, 10] and paper.num_backbone_layers == 12 and paper.entropy_weight == 300
 
 
-def test_grid_data_is_refused_with_a_clear_error(tmp_path):
+def test_grid_data_trains_on_its_visits_with_the_pointer(tmp_path):
+    """A grid dataset: the sample builder refuses it with a pointer to the conversion; training and evaluation read it
+    as visits at cell centres (converted once into the run folder, reused, a temporary folder with write=False), here
+    with the history pointer, whose report also holds the paper's point ranking."""
     from dataset_builders.preprocess import GridPreprocessConfig, prepare_grid
     from dataset_builders.publish import write_prepared
     from dataset_builders.readers import LoadedGrid
     from dataset_builders.schema import RowAccount
     from dataset_builders.synthetic import synthesize_grid
 
-    grid = synthesize_grid(num_users=6, num_days=10, seed=0)
+    grid = synthesize_grid(num_users=12, num_days=12, seed=0)
     loaded = LoadedGrid(grid, RowAccount(), {"format": "yjmob", "grid_size": 200, "coordinate_base": 1})
-    prepared = prepare_grid(loaded, GridPreprocessConfig(predict_days=(8, 9), user_fractions=(0.5, 0.25, 0.25)))
+    prepared = prepare_grid(loaded, GridPreprocessConfig(predict_days=(10, 11), user_fractions=(0.5, 0.25, 0.25)))
     folder = write_prepared(prepared, tmp_path / "grid")
-    with pytest.raises(ValueError, match="check-in"):
+    with pytest.raises(ValueError, match="grid-visits"):
         build_nextlocmoe_samples(load_prepared(folder), "test")
+
+    out = tmp_path / "run"
+    result = train_nextlocmoe(folder, out, backbone="tiny", history_length=6, current_length=2, location_dim=8,
+                              time_dim=4, duration_dim=4, tcn_levels=2, router_hidden_size=8, lora_rank=2,
+                              lora_alpha=2, history_pointer=True, pointer_size=8, max_epochs=1, batch_size=64,
+                              max_train_samples=256, learning_rate=3e-3, warmup_ratio=0.0, progress=False)
+    info = result.run_info
+    assert info["data"] == str(folder.resolve()) and info["history_pointer"] is True
+    visits = load_prepared(info["grid_visits"])
+    assert visits.kind == "checkins" and visits.metadata["source"] == "grid"
+    assert [p.parent.name for p in (out / "grid_visits").glob("*/hf_mobility.json")] != []
+    res = result.report["results"]["nextlocmoe"]
+    assert 0.0 <= res["acc@1"] <= res["acc@10"] <= 1.0 and np.isfinite(res["distance_m"])
+    assert 0.0 <= res["point_ranking"]["acc@10"] <= 1.0
+    assert result.report["inference"]["samples"] == visits.table("samples", "test").num_rows
+    assert "markov" in result.report["results"]
+    converted = sorted((out / "grid_visits").iterdir())
+    again = evaluate_nextlocmoe(out, folder, max_samples=10, write=False)
+    assert sorted((out / "grid_visits").iterdir()) == converted  # reused, nothing new in the run
+    assert again["inference"]["samples"] == 10
 
 
 @pytest.fixture(scope="module")

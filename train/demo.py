@@ -661,6 +661,24 @@ def _backbone_words(backbone) -> str:
     return f"backbone `{name}`"
 
 
+def _ranking_words(info: dict, model: dict) -> str:
+    if not info.get("history_pointer"):
+        return "It regresses the next point; every location is ranked by its distance from it (KD-tree)."
+    return ("It regresses the next point (the paper's head) and, with the history pointer (`history_pointer`, an "
+            "hf-mobility choice), points at the visits of its two windows: their places are ranked first by pointer "
+            "mass, every other location after them by its distance from the point (KD-tree).")
+
+
+def _point_ranking_lines(model: dict) -> list[str]:
+    point = model.get("point_ranking")
+    if not point:
+        return []
+    return [f"The paper's ranking, by distance from the regressed point alone, on the same samples: Acc@1 "
+            f"{100 * point['acc@1']:.1f}, Acc@5 {100 * point['acc@5']:.1f}, Acc@10 {100 * point['acc@10']:.1f}, MRR "
+            f"{100 * point['mrr']:.1f}. A point regressor lands between the places a user may go next; the pointer "
+            "ranks each of them.", ""]
+
+
 def _nextlocmoe_lines(result: dict, out: Path, others: dict | None) -> list[str]:
     """The NextLocMoE section of the report: the table beside the baselines (and MHSA when it ran), routing by
     archetype, the zero-shot second city."""
@@ -684,12 +702,13 @@ def _nextlocmoe_lines(result: dict, out: Path, others: dict | None) -> list[str]
         f"{info['num_backbone_layers']} decoder layers, frozen but for its norms; role experts (LoRA) in layer(s) "
         f"{info['moe_layers']} with {info['routing']} routing; trained on {info['train_samples']:,} of "
         f"{info['train_samples_available']:,} training samples in {result['seconds']:.0f} s "
-        f"({info['train_samples_per_second']} samples/s on this machine). It regresses the next point; every "
-        f"location is ranked by its distance from it (KD-tree). {model['num_samples']:,} test samples, the baselines "
-        "(and MHSA, when it ran on the same samples) on the same ones.",
+        f"({info['train_samples_per_second']} samples/s on this machine). {_ranking_words(info, model)} "
+        f"{model['num_samples']:,} test samples, the baselines (and MHSA, when it ran on the same samples) on the "
+        "same ones.",
         "",
         format_results_table({**report, "results": res}),
         "",
+        *_point_ranking_lines(model),
         f"Mean distance from the predicted point to the target: {model['distance_m']:,.0f} m (median "
         f"{model['median_distance_m']:,.0f} m; nearest place to the last visit: {res['nearest']['distance_m']:,.0f} "
         "m).",

@@ -32,12 +32,15 @@ A run folder holds `model/` (safetensors + config + the modeling files: it loads
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +56,7 @@ from transformers.utils import logging as hf_logging
 
 from dataset_builders.descriptions import great_circle_m
 from dataset_builders.preprocess import local_time_features
-from dataset_builders.publish import PreparedDataset, load_prepared
+from dataset_builders.publish import METADATA_FILE, PreparedDataset, load_prepared
 from modeling_mobility.nextlocmoe import NextLocMoEConfig, NextLocMoEForNextLocation
 
 from .baselines import nearest_location_ranks
@@ -70,6 +73,7 @@ __all__ = [
     "ROLE_DESCRIPTIONS",
     "build_nextlocmoe_samples",
     "build_parser",
+    "checkin_view",
     "evaluate_nextlocmoe",
     "kdtree_ranks",
     "load_recipe",
@@ -345,6 +349,33 @@ def _location_xy(data: PreparedDataset) -> tuple[list[str], np.ndarray]:
     return ids, mercator_xy(lon, lat)
 
 
+def checkin_view(data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None) -> PreparedDataset:
+    """The check-in dataset NextLocMoE reads for `data_dir`: the folder itself for check-in data; for a grid dataset
+    its visits ([`dataset_builders.grid_visits.grid_to_checkins`] with its defaults: consecutive records in one cell
+    are one visit at the cell's centre, the grid's user split is kept), written once into
+    `cache_dir/grid_visits/<fingerprint of the grid dataset's metadata>` and reused while the grid dataset is
+    unchanged.
+
+    Args:
+        data_dir (`str` or `os.PathLike`): a prepared check-in or grid dataset.
+        cache_dir (`str` or `os.PathLike`, *optional*): where converted grids are kept (a run folder); required for
+            grid data.
+    """
+    data = load_prepared(data_dir)
+    if data.kind != "grid":
+        return data
+    if cache_dir is None:
+        raise ValueError(f"{data.path} is a grid dataset: give a folder to keep its conversion to visits in")
+    from dataset_builders.grid_visits import grid_to_checkins
+
+    fingerprint = hashlib.sha1(json.dumps(data.metadata, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    target = Path(cache_dir) / "grid_visits" / fingerprint
+    if not (target / METADATA_FILE).is_file():
+        logger.info("converting the grid dataset %s to visits at cell centres in %s", data.path, target)
+        grid_to_checkins(data.path, target)
+    return load_prepared(target)
+
+
 def build_nextlocmoe_samples(
     data: PreparedDataset, split: str, *, history_length: int = 40, current_length: int = 5
 ) -> NextLocMoESamples:
@@ -363,8 +394,9 @@ def build_nextlocmoe_samples(
         history_length, current_length (`int`): window sizes (paper: 40 and 5).
     """
     if data.kind != "checkins":
-        raise ValueError(f"{data.path}: NextLocMoE reads check-in data (visits with coordinates), got kind "
-                         f"{data.kind!r}")
+        raise ValueError(f"{data.path}: NextLocMoE samples come from check-in data (visits with coordinates), got "
+                         f"kind {data.kind!r}; convert a grid dataset with `mobility data grid-visits` (or "
+                         "`checkin_view`), which `train_nextlocmoe` and `evaluate_nextlocmoe` do by themselves")
     if split not in data.splits("samples"):
         raise ValueError(f"{data.path}: no split {split!r}; available: {data.splits('samples')}")
     location_ids, loc_xy = _location_xy(data)
@@ -631,7 +663,9 @@ def train_nextlocmoe(
     """Train NextLocMoE on a prepared check-in dataset and save a self-contained run folder.
 
     Args:
-        data_dir (`str` or `os.PathLike`): prepared check-in dataset (train and validation samples are used).
+        data_dir (`str` or `os.PathLike`): prepared check-in dataset (train and validation samples are used), or a
+            prepared grid dataset: it is read as visits at cell centres ([`checkin_view`], kept in
+            `output_dir/grid_visits`), and the model predicts the next visited cell.
         output_dir (`str` or `os.PathLike`): run folder (created).
         recipe ([`NextLocMoERecipe`], a YAML path, or `None`): hyper-parameters (defaults: the class defaults).
         **overrides: recipe keys that replace the recipe's values (e.g. `max_epochs=2`).
@@ -650,7 +684,7 @@ def train_nextlocmoe(
 
 
 def _train(data_dir, output_dir, recipe: NextLocMoERecipe) -> NextLocMoETrainingResult:
-    data = load_prepared(data_dir)
+    data = checkin_view(data_dir, output_dir)  # a grid dataset: its visits at cell centres, kept in the run folder
     for split in ("train", "validation"):
         if split not in data.splits("samples"):
             raise ValueError(f"{data.path}: no {split!r} split of samples; available: {data.splits('samples')}")
@@ -700,7 +734,8 @@ def _train(data_dir, output_dir, recipe: NextLocMoERecipe) -> NextLocMoETraining
         "load_balance_weight": model.config.load_balance_weight,
         "predict_offset": model.config.predict_offset,
         "history_pointer": model.config.history_pointer,
-        "data": str(data.path.resolve()),
+        "data": str(Path(data_dir).resolve()),
+        **({"grid_visits": str(data.path.resolve())} if data.path.resolve() != Path(data_dir).resolve() else {}),
         "num_locations": int(data.table("locations").num_rows),
         "train_samples": len(train),
         "train_samples_available": len(train_all),
@@ -773,7 +808,8 @@ def evaluate_nextlocmoe(
 
     Args:
         run_dir (`str` or `os.PathLike`): a run folder of [`train_nextlocmoe`].
-        data_dir (`str` or `os.PathLike`): the prepared check-in dataset.
+        data_dir (`str` or `os.PathLike`): the prepared check-in dataset, or a grid dataset (read as its visits at
+            cell centres, [`checkin_view`]; kept in `run_dir/grid_visits`, or a temporary folder with `write=False`).
         split (`str`, *optional*, defaults to `"test"`): the split to score.
         batch_size (`int`, *optional*, defaults to 64): samples per forward pass.
         max_samples (`int`, *optional*): score only the first `max_samples` samples of the split (model and
@@ -799,7 +835,16 @@ def evaluate_nextlocmoe(
         raise ValueError(f"{run} is a {info.get('method')!r} run, not a NextLocMoE run")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
-    data = load_prepared(data_dir)
+    scratch = contextlib.ExitStack()
+    with scratch:
+        # a grid dataset is read as its visits, kept in the run folder (in a temporary folder with write=False)
+        data = checkin_view(data_dir, run if write else scratch.enter_context(tempfile.TemporaryDirectory()))
+        return _evaluate_loaded(run, info, data, split, batch_size, max_samples, model, device, progress,
+                                normalize_per_city, write, slice_by)
+
+
+def _evaluate_loaded(run, info, data, split, batch_size, max_samples, model, device, progress, normalize_per_city,
+                     write, slice_by) -> dict:
     if model is None:
         model = NextLocMoEForNextLocation.from_pretrained(run / "model")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -978,7 +1023,16 @@ def build_model_card(info: dict, metrics: dict | None = None, recipe: str | None
            "the paper does not have): with the paper's loss alone the router sent every token to one expert."
            if info.get("load_balance_weight") else "")
         + (" The head regresses the step from the last visited place (`predict_offset`, an hf-mobility choice), not "
-           "the absolute position." if info.get("predict_offset") else ""),
+           "the absolute position." if info.get("predict_offset") else "")
+        + (" A history pointer (`history_pointer`, an hf-mobility choice the paper does not have) attends from the "
+           "last position to the visits of both windows (plus an 'elsewhere' slot) and is trained by the likelihood "
+           "of the visits at the target's coordinates; ranking puts the windows' places first, by pointer mass, and "
+           "every other location after them by distance from the regressed point. The evaluation also reports the "
+           "paper's ranking by the point alone (`point_ranking` in metrics.json)." if info.get("history_pointer")
+           else "")
+        + (f" Trained on a grid dataset read as visits at cell centres (consecutive records in one cell are one "
+           f"visit; `mobility data grid-visits`, kept in `{Path(info['grid_visits']).name}` of the run's "
+           "`grid_visits/`)." if info.get("grid_visits") else ""),
         "",
         "## Training",
         "",
@@ -992,10 +1046,18 @@ def build_model_card(info: dict, metrics: dict | None = None, recipe: str | None
         "",
     ]
     if metrics and metrics.get("results"):
+        ranked = ("the windows' places by pointer mass, then every other location by distance from the predicted "
+                  "point" if info.get("history_pointer") else "every location of the table by distance from the "
+                  "predicted point")
         parts += [f"Next-location prediction on the `{metrics.get('split', 'test')}` split (ranking metrics x100; "
-                  "every location of the table is ranked by distance from the predicted point; the baselines are "
-                  "scored on the same samples).", "", format_results_table(metrics), ""]
+                  f"ranked: {ranked}; the baselines are scored on the same samples).", "",
+                  format_results_table(metrics), ""]
         model_res = metrics["results"].get(info.get("name", "nextlocmoe"), {})
+        point = model_res.get("point_ranking")
+        if point:
+            parts += [f"The paper's ranking by the regressed point alone: Acc@1 {100 * point['acc@1']:.1f}, Acc@5 "
+                      f"{100 * point['acc@5']:.1f}, Acc@10 {100 * point['acc@10']:.1f}, MRR {100 * point['mrr']:.1f}.",
+                      ""]
         if "distance_m" in model_res:
             parts += [f"Mean distance between the predicted point and the target: {model_res['distance_m']:,.0f} m "
                       f"(median {model_res['median_distance_m']:,.0f} m).", ""]
