@@ -525,7 +525,8 @@ def _generate(
     `asked`."""
     import torch
     from tqdm.auto import tqdm
-    from transformers import LogitsProcessorList
+
+    from .greedy_decode import greedy_decode
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -582,28 +583,21 @@ def _generate(
                 for row, i in enumerate(idx):  # left padding: the answers of all rows start at column `width`
                     input_ids[row, width - lengths[i] :] = torch.from_numpy(ids[i]).long()
                     attention[row, width - lengths[i] :] = 1
-                limit = int(budgets[idx].max())
-                processors = None
+                choose = None
                 if asked is not None:
                     grammar = HumobAnswerLogitsProcessor(tokenizer, [asked[i] for i in idx], cell_range, eos,
                                                          token_texts=token_texts)
-                    processors = LogitsProcessorList([grammar])
-                out = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=limit,
-                    do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad_id, logits_processor=processors,
-                )
+                    choose = grammar.next_tokens
+                generated = greedy_decode(model, input_ids.to(device), attention.to(device),
+                                          max_new_tokens=budgets[idx], eos_token_ids=eos, choose=choose)
                 if asked is not None:
                     stats["overrides"][idx] = grammar.overrides
-                new = out[:, width:].cpu().numpy()
                 for row, i in enumerate(idx):
-                    gen = new[row, : int(budgets[i])]  # each prompt keeps its own budget, as if generated alone
-                    stops = np.flatnonzero(np.isin(gen, eos))
-                    if stops.size:
-                        gen = gen[: stops[0] + 1]
-                    else:
+                    gen = generated[row]  # each prompt keeps its own budget and stops at its own eos
+                    if not gen or gen[-1] not in eos:
                         stats["stopped_at_limit"] += 1
-                    stats["tokens"] += int(len(gen))
-                    answers[i] = tokenizer.decode(gen.tolist(), skip_special_tokens=True)
+                    stats["tokens"] += len(gen)
+                    answers[i] = tokenizer.decode(gen, skip_special_tokens=True)
                 bar.update(len(idx))
     finally:
         bar.close()
@@ -629,15 +623,16 @@ def generate_answers(
     Each prompt is rendered with `tokenizer.apply_chat_template(..., add_generation_prompt=True)` (a string prompt is
     used as it is), prompts are sorted by answer budget, then token length (longest first) and cut into batches, each
     batch is left-padded by hand (the tokenizer's `padding_side` is neither read nor changed) and decoded greedily on
-    the model's device under `torch.inference_mode()` until every row emitted an end-of-sequence token (the
-    tokenizer's and the model's `generation_config` eos ids) or the budget. A prompt's answer is cut to its own
-    budget, so batched and unbatched answers agree. The model is put in eval mode and restored afterwards.
+    the model's device under `torch.inference_mode()` by [`train.greedy_decode.greedy_decode`] (a KV cache reserved
+    up front, each row leaving the batch at its end-of-sequence token (the tokenizer's and the model's
+    `generation_config` eos ids) or its own budget, prompts prefilled one at a time on a CPU), so batched and
+    unbatched answers agree. The model is put in eval mode and restored afterwards.
 
     Args:
-        model: a causal LM with `generate` (any device).
+        model: a causal LM (a transformers `*ForCausalLM`; any device).
         tokenizer: its tokenizer, with a chat template for message prompts; its pad token (else eos) pads.
         prompts (`Sequence`): chat message lists (`[{"role": ..., "content": ...}, ...]`) or rendered strings.
-        batch_size (`int`, *optional*, defaults to 16): prompts per `generate` call; 1 is unbatched.
+        batch_size (`int`, *optional*, defaults to 16): prompts decoded together; 1 is unbatched.
         max_new_tokens (`int` or `Sequence[int]`, *optional*, defaults to 1024): the answer budget, one for all or
             one per prompt (see [`answer_token_budget`]).
         progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over the prompts.

@@ -148,6 +148,8 @@ class TokenTexts:
         self.tokenizer = tokenizer
         self._texts: dict[int, str] = {}
         self._alphabet_ids: np.ndarray | None = None
+        self._longest = 0
+        self._valid: dict[tuple, np.ndarray] = {}
 
     def text(self, token_id: int) -> str:
         text = self._texts.get(token_id)
@@ -165,7 +167,23 @@ class TokenTexts:
             keep = [i for i, t in enumerate(texts) if t and set(t) <= _ALPHABET]
             self._texts.update({i: texts[i] for i in keep})
             self._alphabet_ids = np.asarray(keep, dtype=np.int64)
+            self._longest = max((len(texts[i]) for i in keep), default=0)
         return self._alphabet_ids
+
+    def valid_ids(self, grammar: AnswerGrammar, state: tuple[int, int, str]) -> np.ndarray:
+        """Ids of the alphabet tokens whose text keeps `grammar` on track from `state`, cached: a token of at most
+        `n` characters crosses at most `n` segments, so the answer is the same wherever the next `n + 1` segments,
+        the position in the current one and the digits written so far are the same (e.g. the same asked (d, t) in
+        another user's answer)."""
+        ids = self.alphabet()
+        seg, pos, digits = state
+        key = (grammar.lo, grammar.hi, tuple(grammar.segments[seg:seg + self._longest + 1]), pos, digits)
+        valid = self._valid.get(key)
+        if valid is None:
+            valid = np.asarray([i for i in ids.tolist() if grammar.advance(state, self.text(i)) is not None],
+                               dtype=np.int64)
+            self._valid[key] = valid
+        return valid
 
 
 class HumobAnswerLogitsProcessor(LogitsProcessor):
@@ -221,15 +239,41 @@ class HumobAnswerLogitsProcessor(LogitsProcessor):
                 if rank:
                     self.overrides[row] += 1
                 return tid
-        ids = self.texts.alphabet()
-        valid = [i for i in ids.tolist() if grammar.advance(state, self.texts.text(i)) is not None]
-        if not valid:
+        valid_ids = self.texts.valid_ids(grammar, state)
+        if len(valid_ids) == 0:
             raise RuntimeError(f"no token of the vocabulary continues the answer of row {row} (state {state}); the "
                                "tokenizer cannot write the digits and brackets of the answer one piece at a time")
         self.overrides[row] += 1
-        valid_ids = np.asarray(valid, dtype=np.int64)
         best = int(np.argmax(row_scores[valid_ids].float().cpu().numpy()))
         return int(valid_ids[best])
+
+    def next_tokens(self, rows: np.ndarray, scores) -> np.ndarray:
+        """The token each of `rows` takes next (the same choice as `__call__`), advancing their states: for a decode
+        loop that calls the model itself ([`train.greedy_decode.greedy_decode`]) and drops finished rows.
+
+        Args:
+            rows (`np.ndarray`): the processor's row indices still decoding.
+            scores (`torch.FloatTensor` of shape `(len(rows), vocab)`): their next-token logits.
+        """
+        import torch
+
+        rows = np.asarray(rows, dtype=np.int64)
+        if scores.shape[0] != len(rows) or (len(rows) and (rows.min() < 0 or rows.max() >= len(self.grammars))):
+            raise ValueError(f"next_tokens needs one score row per row index in 0..{len(self.grammars) - 1}, got "
+                             f"{len(rows)} rows and {scores.shape[0]} score rows")
+        k = min(self.top_k, scores.shape[-1])
+        top = torch.topk(scores, k, dim=-1).indices.cpu().numpy()
+        chosen = np.empty(len(rows), dtype=np.int64)
+        for j, row in enumerate(rows.tolist()):
+            if self._finished[row]:
+                raise ValueError(f"row {row} has already ended its answer")
+            token = self._choose(row, self.states[row], top[j], scores[j])
+            chosen[j] = token
+            if token in self.eos:
+                self._finished[row] = True
+            else:
+                self.states[row] = self.grammars[row].advance(self.states[row], self.texts.text(token))
+        return chosen
 
     def __call__(self, input_ids, scores):
         import torch

@@ -1,0 +1,96 @@
+"""train/greedy_decode.py: the decode loop equals greedy `generate` (left padding, per-row budgets, eos, finished rows
+dropped), the reserved cache writes in place, and a grammar chooser plugs in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from train.greedy_decode import ReservedCache, greedy_decode
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def tiny_lm(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=50, max_position_embeddings=256, eos_token_id=7,
+                         pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def left_padded(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def reference(model, prompt: list[int], budget: int, eos: list[int]) -> list[int]:
+    """`generate`, one prompt at a time, greedy, cut at the first eos."""
+    ids = torch.tensor([prompt])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, do_sample=False,
+                         num_beams=1, eos_token_id=eos, pad_token_id=0)
+    new = out[0, len(prompt):].tolist()
+    for k, token in enumerate(new):
+        if token in eos:
+            return new[: k + 1]
+    return new
+
+
+def test_equals_greedy_generate_per_prompt():
+    model = tiny_lm()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 50, (n,), generator=g).tolist() for n in (5, 12, 1, 9)]
+    budgets = [6, 20, 3, 15]
+    # an eos that the untrained model emits for some rows: the most frequent greedy token of the references
+    first = [reference(model, p, b, [999]) for p, b in zip(prompts, budgets)]
+    eos = [int(np.bincount(np.concatenate(first)).argmax())]
+    ids, mask = left_padded(prompts)
+    with torch.inference_mode():
+        got = greedy_decode(model, ids, mask, max_new_tokens=budgets, eos_token_ids=eos)
+        want = [reference(model, p, b, eos) for p, b in zip(prompts, budgets)]
+    assert got == want
+    assert any(w and w[-1] in eos for w in want) and any(len(w) == b for w, b in zip(want, budgets))
+
+
+def test_chooser_receives_the_live_rows_only():
+    """A custom chooser sees the original indices of the rows still decoding; a row ends at its eos and the others go
+    on (here: row 0 must stop after 2 tokens, row 1 writes token 5 until its budget)."""
+    model = tiny_lm()
+    ids, mask = left_padded([[3, 4, 5], [6, 7]])
+    seen = []
+
+    def choose(rows, scores):
+        seen.append(rows.tolist())
+        assert scores.shape == (len(rows), 50)
+        return np.array([7 if (r == 0 and len(seen) == 2) else 5 for r in rows])
+
+    with torch.inference_mode():
+        out = greedy_decode(model, ids, mask, max_new_tokens=[10, 4], eos_token_ids=[7], choose=choose)
+    assert out == [[5, 7], [5, 5, 5, 5]]
+    assert seen == [[0, 1], [0, 1], [1], [1]]
+
+
+def test_reserved_cache_writes_in_place_and_refuses_overflow():
+    cache = ReservedCache(4)
+    k = torch.randn(2, 1, 3, 8)
+    keys, _ = cache.update(k, k, 0)
+    assert torch.equal(keys, k) and cache.get_seq_length() == 3
+    buffer = cache.layers[0]._keys
+    step = torch.randn(2, 1, 1, 8)
+    keys, _ = cache.update(step, step, 0)
+    assert cache.layers[0]._keys is buffer and keys.data_ptr() == buffer.data_ptr()  # a view, no copy
+    assert torch.equal(keys[:, :, 3:], step) and cache.get_seq_length() == 4
+    cache.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(cache.layers[0].keys, torch.cat([k, step], dim=2)[1:])
+    with pytest.raises(RuntimeError, match="4 positions"):
+        cache.update(step[:1], step[:1], 0)
+    with pytest.raises(ValueError, match="budget"):
+        greedy_decode(tiny_lm(), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2), max_new_tokens=[0],
+                      eos_token_ids=[7])
