@@ -61,6 +61,26 @@ def test_build_bpe_tokenizer(base):
         build_bpe_tokenizer("one string")
 
 
+def test_build_bpe_tokenizer_split_numbers(tmp_path):
+    """split_numbers: a number is the same token after a space and after punctuation (digits in pieces of at most
+    3), the text round-trips, and the choice survives save/load."""
+    corpus = ["52 12 121 174\n52 14 121 174", '{"prediction":[[60,5,121,174],[60,14,121,174]]}', "1234567"] * 50
+    plain = build_bpe_tokenizer(corpus, vocab_size=300)
+    split = build_bpe_tokenizer(corpus, vocab_size=300, split_numbers=True)
+
+    def pieces(tokenizer, text):
+        return [tokenizer.decode([i]) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    assert " 121" in pieces(plain, "52 121") and "121" in pieces(plain, "[52,121]")
+    assert pieces(split, "52 121") == ["52", " ", "121"] and "121" in pieces(split, "[52,121]")
+    assert pieces(split, "1234567") == ["123", "456", "7"]
+    for text in ("52 12 121 174", "[60,5,121,174]", "user 1234567 went"):
+        assert split.decode(split(text, add_special_tokens=False)["input_ids"]) == text
+    split.save_pretrained(tmp_path)
+    again = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert pieces(again, "52 121") == ["52", " ", "121"]
+
+
 def test_code_tokens_added(tok, base):
     assert tok.num_levels == NUM_LEVELS
     assert tok.codebook_size == CODEBOOK and tok.codebook_sizes == [CODEBOOK] * NUM_LEVELS

@@ -566,6 +566,7 @@ def build_bpe_tokenizer(
     vocab_size: int = 1000,
     special_tokens: Sequence[str] = ("<pad>", "<s>", "</s>", "<unk>"),
     min_frequency: int = 2,
+    split_numbers: bool = False,
 ) -> PreTrainedTokenizerFast:
     r"""
     Train a small byte-level BPE tokenizer on a corpus (an offline base tokenizer for demos and tests).
@@ -580,6 +581,10 @@ def build_bpe_tokenizer(
             special tokens.
         min_frequency (`int`, *optional*, defaults to 2):
             Minimum pair frequency for a merge.
+        split_numbers (`bool`, *optional*, defaults to `False`):
+            Cut runs of digits into pieces of at most 3 digits, apart from the characters around them, before BPE (as
+            Llama-3's tokenizer does): a number is then the same token after a space (`"52 121"`) and after a comma
+            (`"[52,121]"`), at the price of a token per space.
 
     Returns:
         [`PreTrainedTokenizerFast`]: the trained tokenizer with `pad_token`, `bos_token`, `eos_token` and `unk_token`
@@ -598,7 +603,14 @@ def build_bpe_tokenizer(
     if isinstance(texts, str):
         raise ValueError("`texts` must be an iterable of strings, not a single string")
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_numbers:
+        from tokenizers import Regex
+
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r"\d{1,3}"), behavior="isolated"), byte_level])
+    else:
+        backend.pre_tokenizer = byte_level
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(

@@ -148,7 +148,8 @@ class NextLocMoERecipe:
     Everything a NextLocMoE run needs; loaded from a YAML recipe and overridden by keyword arguments or `--key value`.
 
     Args:
-        data (`str`, *optional*): prepared check-in dataset folder (`mobility data prepare`).
+        data (`str`, *optional*): prepared check-in or grid dataset folder (`mobility data prepare`; a grid is read as
+            visits at cell centres, [`checkin_view`]).
         output_dir (`str`, *optional*): run folder (created).
         backbone (`str`, *optional*, defaults to `"smollm2-135m-instruct"`): the Llama-family causal LM: a local
             folder, a prepared offline alias or a Hub id (`train.pretrained.resolve_model`); `tiny` builds a small
@@ -1096,10 +1097,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog or "mobility train nextlocmoe",
         description="Train NextLocMoE (an LLM backbone with a location-semantics and a personalised mixture of "
-        "experts) on a prepared check-in dataset, then evaluate it beside the baselines.",
+        "experts) on a prepared check-in dataset (or a grid dataset, read as visits at cell centres), then evaluate it "
+        "beside the baselines.",
         allow_abbrev=False,
     )
-    helps = {"data": "prepared check-in dataset folder", "output_dir": "run folder (created)",
+    helps = {"data": "prepared check-in or grid dataset folder (a grid is converted to visits into the run folder)",
+             "output_dir": "run folder (created)",
              "backbone": "causal LM: a folder, an offline alias, a Hub id, or 'tiny'"}
     add_recipe_arguments(parser, NextLocMoERecipe, helps)
     return parser

@@ -105,6 +105,10 @@ class SFTRecipe:
             (tiny-llama) or the base model's tokenizer.
         bpe_vocab_size (`int`, *optional*, defaults to 1000):
             Vocabulary of the BPE trained for tiny-llama (before the code tokens are added).
+        bpe_split_numbers (`bool`, *optional*, defaults to `False`):
+            The BPE trained for tiny-llama cuts numbers apart from spaces and punctuation, as Llama-3's tokenizer does
+            (`build_bpe_tokenizer(split_numbers=True)`): a cell number is the same token in the prompt rows (`52 121`)
+            and in the JSON answer (`[52,121]`).
         num_key_value_heads (`int`, *optional*):
             tiny-llama only: key/value heads of its attention (grouped-query attention, as Llama-3 has: 8 for 32
             query heads); must divide its 4 heads. `None`: 4 (plain multi-head attention). Fewer heads shrink the
@@ -142,6 +146,7 @@ class SFTRecipe:
     base_model: str = TINY_LLAMA
     base_tokenizer: str | None = None
     bpe_vocab_size: int = 1000
+    bpe_split_numbers: bool = False
     num_key_value_heads: int | None = None
     output_dir: str = "runs/sft"
     full_finetune: bool | None = None
@@ -360,7 +365,7 @@ def _build_chat_tokenizer(recipe: SFTRecipe, train_dataset):
                     yield from _message_texts(cell)
 
         tokenizer = build_bpe_tokenizer(corpus(), vocab_size=recipe.bpe_vocab_size,
-                                        special_tokens=CHAT_SPECIAL_TOKENS)
+                                        special_tokens=CHAT_SPECIAL_TOKENS, split_numbers=recipe.bpe_split_numbers)
         tokenizer.chat_template = CHAT_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -399,7 +404,7 @@ def _build_tokenizer(recipe: SFTRecipe, train_dataset):
                 for text in batch["prompt"] + batch["completion"]:
                     yield _CODE_TOKEN.sub(" ", text) if isinstance(text, str) else json.dumps(text)
 
-        base = build_bpe_tokenizer(corpus(), vocab_size=recipe.bpe_vocab_size)
+        base = build_bpe_tokenizer(corpus(), vocab_size=recipe.bpe_vocab_size, split_numbers=recipe.bpe_split_numbers)
     else:
         base = AutoTokenizer.from_pretrained(resolve_model(recipe.base_model),
                                              trust_remote_code=recipe.trust_remote_code)
