@@ -8,7 +8,9 @@ read back with the `yjmob` reader, then prepared twice:
   `LLAMAMOB_PREDICT_DAYS` asked, `LLAMAMOB_WINDOWS` training windows per user, 20% test users).
 
 The demo model: `--run RUN_DIR` (a run folder of `train/sft.py` on humob-qa rows, e.g. `runs/demo/sft/llamamob`, loaded
-with `train.llamamob._load`), else one trained here with the demo recipe (`train/recipes/llamamob_demo.yaml`: a tiny
+with `train.llamamob._load`), or `--model NAME` (a pretrained causal LM as it is, e.g. the offline
+`smollm2-135m-instruct`: a model whose weights, not its KV cache, dominate a decoding step, as Llama-3-8B's do), else
+one trained here with the demo recipe (`train/recipes/llamamob_demo.yaml`: a tiny
 Llama from scratch, BPE trained on the rows, ChatML template) cut to `--train-steps` steps, on the demo-horizon rows.
 A short training is enough for timing: constrained answers always have the full length (every asked slot, in order),
 whatever the weights.
@@ -25,7 +27,7 @@ whatever the weights.
    default) for each `--batch-sizes` value (1 = batching off), and once with free decoding at the default batch size
    for reference (a weak model's free answers stop early or run to the budget, so their time says little about the
    decoder). Seconds are the report's `generation_seconds` (rendering, tokenising and generating); users/s is users
-   over that; best of `--repeats`, after one warm-up call. The last line says whether batching is at least 3x faster
+   over that; best of `--repeats`, after one warm-up call on two users. The last line says whether batching is at least 3x faster
    per user than batch size 1 (the issue's target).
 
 OpenMP waiting: unless `OMP_WAIT_POLICY` is already set, this script sets it to `PASSIVE` before importing torch. With
@@ -38,8 +40,8 @@ Wall times depend on the machine and on what else runs on it; nothing here asser
 
 Usage:
 
-    python benchmarks/bench_humob.py [--run RUN_DIR | --train-steps 60] [--users 16 --batch-sizes 1,4,8,16
-                                      --repeats 3 --threads 0 --seed 0]
+    python benchmarks/bench_humob.py [--run RUN_DIR | --model smollm2-135m-instruct | --train-steps 60]
+                                     [--users 16 --batch-sizes 1,4,8,16 --repeats 3 --threads 0 --seed 0]
 """
 
 from __future__ import annotations
@@ -170,13 +172,13 @@ def bench_generation(args, model, tokenizer, data_dir: Path, qa: Path, batch_siz
     prompts = dict(zip(chosen, (by_uid[u] for u in chosen)))
     prompt_tokens = np.array([len(x) for x in render_ids(tokenizer, list(prompts.values()))])
 
-    def predict(batch_size: int, constrained: bool = True) -> dict:
+    def predict(batch_size: int, constrained: bool = True, users: int = args.users) -> dict:
         _, report = predict_grid(model, tokenizer, data, split="test", prompts=prompts, batch_size=batch_size,
-                                 max_users=args.users, on_missing_prompt="fallback", constrained=constrained,
+                                 max_users=users, on_missing_prompt="fallback", constrained=constrained,
                                  progress=False)
         return report
 
-    predict(1)  # warm-up (first-call allocations, the grammar's token texts)
+    predict(1, users=2)  # warm-up (first-call allocations, the grammar's token texts)
     rows, per_user, answers = [], {}, {}
     modes = [(bs, True) for bs in batch_sizes] + [(DEFAULT_BATCH, False)]
     for bs, constrained in modes:
@@ -223,6 +225,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", type=Path, default=None,
                         help="an existing humob-qa run folder (model/, tokenizer/), e.g. runs/demo/sft/llamamob; "
                              "default: train the demo recipe for --train-steps steps in a temporary folder")
+    parser.add_argument("--model", default=None,
+                        help="time a pretrained causal LM as it is instead (no training): an offline alias such as "
+                             "smollm2-135m-instruct, a folder or a Hub id, with its own tokenizer and chat template; "
+                             "constrained answers have the full length whatever the weights")
     parser.add_argument("--train-steps", type=int, default=60,
                         help="max_steps of the demo recipe when no --run is given (default 60)")
     parser.add_argument("--users", type=int, default=16,
@@ -262,7 +268,14 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         dirs = build_data(root, seed=args.seed)
         t_data = time.perf_counter() - t0
-        if args.run is not None:
+        if args.model is not None:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from train.pretrained import resolve_model
+
+            path = resolve_model(args.model)
+            run, how = None, f"{args.model} as it is (pretrained, not trained on humob-qa)"
+        elif args.run is not None:
             run, how = args.run, f"run {args.run}"
         else:
             from train.sft import load_recipe, run_sft
@@ -276,7 +289,11 @@ def main(argv: list[str] | None = None) -> None:
             how = (f"trained here: {LLAMAMOB_RECIPE.name} cut to {args.train_steps} steps on the demo-horizon rows "
                    f"({time.perf_counter() - t0:.0f} s); constrained answers have the full length whatever the "
                    "weights, so the speed of constrained prediction hardly depends on how well the model is trained")
-        model, tokenizer = _load(Path(run))
+        if run is None:
+            model = AutoModelForCausalLM.from_pretrained(path).eval()
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        else:
+            model, tokenizer = _load(Path(run))
         params = sum(p.numel() for p in model.parameters())
         print(f"\nset-up: data (synthetic city, both horizons, humob-qa rows) {t_data:.1f} s; model {how}; "
               f"{params:,} parameters, vocab {len(tokenizer):,}")
