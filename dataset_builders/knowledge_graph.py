@@ -432,7 +432,7 @@ def activities_from_llm(
             cover them.
         encoder (*optional*): the encoder of the default fallback (see [`activities_from_encoder`]).
         model_key (`str`, *optional*): the model's identity in the cache.
-        batch_size (`int`, *optional*, defaults to 16): prompts per ``generate`` call.
+        batch_size (`int`, *optional*, defaults to 16): prompts decoded together.
         max_new_tokens (`int`, *optional*, defaults to 24): answer budget. Names are single words, but small chat
             models answer in a sentence (SmolLM2-135M-Instruct: 'The activity type that fits this place category
             best is "Dining"', 17 tokens).

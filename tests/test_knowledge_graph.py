@@ -254,38 +254,37 @@ def tiny_lm():
     return LlamaForCausalLM(config).eval(), tok
 
 
-class CountingLM(torch.nn.Module):
-    """Wraps a causal LM: counts `generate` calls, and answers 'Dining.' (a valid answer) for prompts about a
-    category whose name holds 'Cafe' (the random model's own answers are kept otherwise)."""
+class CountingAnswers:
+    """Stands in for `train.humob.generate_answers` (which the mapper imports when it runs): counts the batches it is
+    asked for, answers 'Dining.' (a valid answer) for prompts about a category whose name holds 'Cafe', and the real
+    greedy answer of the model otherwise."""
 
-    def __init__(self, model, tokenizer):
-        super().__init__()
-        self.model, self.tokenizer, self.calls = model, tokenizer, 0
-        self.generation_config = model.generation_config
+    def __init__(self):
+        import train.humob
 
-    def generate(self, input_ids, **kwargs):
-        self.calls += 1
-        out = self.model.generate(input_ids=input_ids, **kwargs)
-        rows = []
-        answer = self.tokenizer("Dining.", add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-        for i in range(len(input_ids)):
-            prompt = self.tokenizer.decode(input_ids[i])
-            row = out[i].tolist()
-            if 'category: "Cafe' in prompt:
-                row = input_ids[i].tolist() + answer
-            rows.append(row)
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        return torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        self.real, self.calls = train.humob.generate_answers, 0
+
+    def __call__(self, model, tokenizer, prompts, *, batch_size=16, **kwargs):
+        answers = []
+        for lo in range(0, len(prompts), batch_size):
+            chunk = list(prompts[lo:lo + batch_size])
+            self.calls += 1
+            real = self.real(model, tokenizer, chunk, batch_size=batch_size, **kwargs)
+            texts = [p if isinstance(p, str) else " ".join(m["content"] for m in p) for p in chunk]
+            answers += ["Dining." if 'category: "Cafe' in t else a for t, a in zip(texts, real)]
+        return answers
 
 
-def test_llm_mapper_counts_and_cache(tiny_lm, tmp_path):
+def test_llm_mapper_counts_and_cache(tiny_lm, tmp_path, monkeypatch):
+    import train.humob
+
     model, tok = tiny_lm
-    wrapped = CountingLM(model, tok)
+    counting = CountingAnswers()
+    monkeypatch.setattr(train.humob, "generate_answers", counting)
     cats = ["Cafe", "Cafe Bar", "Office", "Park", "Office"]
     cache = tmp_path / "answers.json"
     fallback = {"Office": "working", "Park": "exercising", "Cafe": "shopping", "Cafe Bar": "nightlife"}
-    first, stats = activities_from_llm(cats, (wrapped, tok), cache_path=cache, fallback=fallback, batch_size=2,
+    first, stats = activities_from_llm(cats, (model, tok), cache_path=cache, fallback=fallback, batch_size=2,
                                        progress=False, return_stats=True, model_key="tiny")
     assert set(first["activity"]) <= set(ACTIVITY_TYPES)
     got = dict(zip(first["category"], zip(first["activity"], first["source"])))
@@ -294,21 +293,21 @@ def test_llm_mapper_counts_and_cache(tiny_lm, tmp_path):
     assert stats["valid"] + stats["invalid"] == 4 and stats["valid"] >= 2 and stats["invalid"] >= 1
     for category in stats["invalid_answers"]:  # invalid answers fall back and are counted
         assert got[category] == (fallback[category], "fallback")
-    assert wrapped.calls == 2
+    assert counting.calls == 2
     content = json.loads(cache.read_text())
     (key,) = content["answers"]
     assert key.startswith("tiny|prompt:") and set(content["answers"][key]) == {"Cafe", "Cafe Bar", "Office", "Park"}
 
-    again, stats2 = activities_from_llm(cats, (wrapped, tok), cache_path=cache, fallback=fallback, progress=False,
+    again, stats2 = activities_from_llm(cats, (model, tok), cache_path=cache, fallback=fallback, progress=False,
                                         return_stats=True, model_key="tiny")
-    assert wrapped.calls == 2  # nothing asked the second time
+    assert counting.calls == 2  # nothing asked the second time
     assert stats2["asked"] == 0 and stats2["cached"] == 4 and stats2["invalid"] == stats["invalid"]
     pd.testing.assert_frame_equal(first, again)
 
     # a new category asks only for that one; the default fallback is the encoder mapping
-    _, stats3 = activities_from_llm([*cats, "Museum"], (wrapped, tok), cache_path=cache, progress=False,
+    _, stats3 = activities_from_llm([*cats, "Museum"], (model, tok), cache_path=cache, progress=False,
                                     return_stats=True, model_key="tiny", encoder=_fake_encoder)
-    assert wrapped.calls == 3 and stats3["asked"] == 1 and stats3["cached"] == 4
+    assert counting.calls == 3 and stats3["asked"] == 1 and stats3["cached"] == 4
 
 
 # ---------------------------------------------------------------------------------------------------------------------
