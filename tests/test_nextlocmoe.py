@@ -60,6 +60,8 @@ def test_pointer_ranks_hand_worked():
     # then 0 (0 m), 2 (20 m), 4 (40 m) -> 5; row 2: target 0 -> 2 + 1; row 3: places 2 and 4 tie at 0.5 -> 2
     ranks = pointer_ranks(window, probs, pred, cand, np.array([3, 4, 0, 2]))
     assert ranks.tolist() == [2.0, 5.0, 3.0, 2.0]
+    given = kdtree_ranks(pred, cand, np.array([3, 4, 0, 2]))[0]  # the caller's point ranks give the same
+    assert pointer_ranks(window, probs, pred, cand, np.array([3, 4, 0, 2]), point_ranks=given).tolist() == ranks.tolist()
     ranks = pointer_ranks(window, probs, pred, cand, np.array([1, -1, 3, 0]))
     assert ranks[0] == 1 and np.isinf(ranks[1]) and ranks[2] == 2 and ranks[3] == 3
     # without any window visit the ranking is the point's (kdtree_ranks)

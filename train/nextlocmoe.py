@@ -529,7 +529,8 @@ def kdtree_ranks(pred_xy, candidate_xy, target_index, *, k: int = 20) -> tuple[n
     return ranks, topk
 
 
-def pointer_ranks(window_index, window_probs, pred_xy, candidate_xy, target_index) -> np.ndarray:
+def pointer_ranks(window_index, window_probs, pred_xy, candidate_xy, target_index, *,
+                  point_ranks=None) -> np.ndarray:
     """Rank candidates with the history pointer (`NextLocMoEConfig.history_pointer`): the places of a sample's windows
     first, by pointer mass (a place's mass is the sum over its visits), then every other candidate by its distance from
     the predicted point (as [`kdtree_ranks`]). Ties count against the model in both parts. Vectorised: no loop over
@@ -539,6 +540,8 @@ def pointer_ranks(window_index, window_probs, pred_xy, candidate_xy, target_inde
         window_index (`(N, W)` int): location-table rows of the window visits, -1 on padding.
         window_probs (`(N, W)`): the pointer's probability of each visit (the "elsewhere" column dropped).
         pred_xy (`(N, 2)`), candidate_xy (`(L, 2)`), target_index (`(N,)`): as for [`kdtree_ranks`].
+        point_ranks (`(N,)`, *optional*): the ranks [`kdtree_ranks`] gives for the same points, targets and
+            candidates, when the caller has them already (computed here otherwise).
 
     Returns:
         `(N,)` float: 1-based rank of the target (`inf` when it is not a candidate).
@@ -554,7 +557,9 @@ def pointer_ranks(window_index, window_probs, pred_xy, candidate_xy, target_inde
                          f"{probs.shape}")
     if (window_index >= len(cand)).any():
         raise ValueError(f"window_index holds rows beyond the {len(cand)} candidates")
-    point_ranks, _ = kdtree_ranks(pred, cand, target, k=1)
+    if point_ranks is None:
+        point_ranks, _ = kdtree_ranks(pred, cand, target, k=1)
+    point_ranks = np.asarray(point_ranks, dtype=np.float64)
     num = len(cand)
     real = window_index >= 0
     rows = np.broadcast_to(np.arange(n)[:, None], window_index.shape)[real]
@@ -915,7 +920,8 @@ def _score(run, info, data, split, samples, model, batch_size, max_samples, prog
     forward_seconds = time.perf_counter() - start
     point_ranks, _ = kdtree_ranks(pred, loc_xy, samples.target_index)
     if window_probs is not None:
-        ranks = pointer_ranks(samples.window_index, window_probs, pred, loc_xy, samples.target_index)
+        ranks = pointer_ranks(samples.window_index, window_probs, pred, loc_xy, samples.target_index,
+                              point_ranks=point_ranks)
     else:
         ranks = point_ranks
     seconds = time.perf_counter() - start
