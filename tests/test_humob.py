@@ -317,6 +317,36 @@ def test_constrained_answers_hold_exactly_the_asked_slots(grid_dir, tokenizer, m
                         asked=asked[:2], cell_range=(1, 200))
 
 
+def test_static_batches_for_attention_without_a_custom_mask(grid_dir, tokenizer, model, monkeypatch):
+    """Continuous batching needs an attention that takes a 4D mask (SDPA, eager); other attention implementations
+    decode in static batches, with the same answers and grammar overrides."""
+    import train.greedy_decode
+
+    rows = _samples(grid_dir, "train")[:5]
+    user_prompts = [_prompt(row, max_input_rows=k) for row, k in zip(rows, (3, 12, 6, 20, 1))]
+    asked = [parse_asked_slots(p) for p in user_prompts]
+    budgets = [answer_token_budget(tokenizer, len(a)) for a in asked]
+    calls = {"continuous": 0, "static": 0}
+    for name in calls:
+        original = getattr(train.greedy_decode, f"{'continuous_' if name == 'continuous' else ''}greedy_decode")
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(train.greedy_decode, original.__name__, counted)
+    continuous = humob._generate(model, tokenizer, user_prompts, batch_size=2, max_new_tokens=budgets,
+                                 progress=False, asked=asked, cell_range=(1, 200))
+    assert calls == {"continuous": 1, "static": 0}
+    monkeypatch.setattr(train.greedy_decode, "CONTINUOUS_ATTENTION", ())
+    static = humob._generate(model, tokenizer, user_prompts, batch_size=2, max_new_tokens=budgets,
+                             progress=False, asked=asked, cell_range=(1, 200))
+    assert calls == {"continuous": 1, "static": 3}  # 5 prompts in batches of 2
+    assert static[0] == continuous[0] and len(set(static[0])) > 1
+    assert np.array_equal(static[1]["overrides"], continuous[1]["overrides"])
+    assert static[1]["tokens"] == continuous[1]["tokens"]
+
+
 def test_constrained_decoding_follows_the_model_where_it_can(grid_dir, tokenizer, prompts):
     """A model that always wants eos: the grammar replaces eos until the answer is complete, then lets it through."""
     model = _eos_only_model(tokenizer)

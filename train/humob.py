@@ -526,7 +526,7 @@ def _generate(
     import torch
     from tqdm.auto import tqdm
 
-    from .greedy_decode import greedy_decode
+    from .greedy_decode import CONTINUOUS_ATTENTION, continuous_greedy_decode, greedy_decode
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -564,41 +564,62 @@ def _generate(
         raise ValueError(f"prompts[{int(np.argmin(lengths))}] renders to no tokens; nothing to generate from")
     stats["prompt_tokens"] = int(lengths.sum())
     eos = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     device = _model_device(model)
-    # longest answers first, then longest prompts: rows of a batch stop at about the same step and pad little; memory
-    # peaks early
-    order = np.lexsort((-lengths, -budgets))
     answers: list[str] = [""] * n
     was_training = getattr(model, "training", False)
     model.eval()
     bar = tqdm(total=n, desc="generating", unit=" prompt", disable=not progress, leave=False)
+
+    def record(i: int, gen: list[int]) -> None:
+        if not gen or gen[-1] not in eos:  # each prompt keeps its own budget and stops at its own eos
+            stats["stopped_at_limit"] += 1
+        stats["tokens"] += len(gen)
+        answers[i] = tokenizer.decode(gen, skip_special_tokens=True)
+
     try:
         with torch.inference_mode():
-            for lo in range(0, n, int(batch_size)):
-                idx = order[lo : lo + int(batch_size)]
-                width = int(lengths[idx].max())
-                input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-                attention = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):  # left padding: the answers of all rows start at column `width`
-                    input_ids[row, width - lengths[i] :] = torch.from_numpy(ids[i]).long()
-                    attention[row, width - lengths[i] :] = 1
-                choose = None
+            implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
+            if implementation in CONTINUOUS_ATTENTION:
+                # continuous batching; longest prompts first, so that the prompts decoding together have similar
+                # lengths (attention reads every slot up to the longest), then longest answers
+                order = np.lexsort((-budgets, -lengths))
+                grammar = None
                 if asked is not None:
-                    grammar = HumobAnswerLogitsProcessor(tokenizer, [asked[i] for i in idx], cell_range, eos,
+                    grammar = HumobAnswerLogitsProcessor(tokenizer, [asked[i] for i in order], cell_range, eos,
                                                          token_texts=token_texts)
-                    choose = grammar.next_tokens
-                generated = greedy_decode(model, input_ids.to(device), attention.to(device),
-                                          max_new_tokens=budgets[idx], eos_token_ids=eos, choose=choose)
-                if asked is not None:
-                    stats["overrides"][idx] = grammar.overrides
-                for row, i in enumerate(idx):
-                    gen = generated[row]  # each prompt keeps its own budget and stops at its own eos
-                    if not gen or gen[-1] not in eos:
-                        stats["stopped_at_limit"] += 1
-                    stats["tokens"] += len(gen)
-                    answers[i] = tokenizer.decode(gen, skip_special_tokens=True)
-                bar.update(len(idx))
+                generated = continuous_greedy_decode(
+                    model, [ids[i] for i in order], max_new_tokens=budgets[order], eos_token_ids=eos,
+                    choose=grammar.next_tokens if grammar is not None else None, max_batch=int(batch_size),
+                    on_finish=lambda _: bar.update(1))
+                for j, i in enumerate(order):
+                    record(i, generated[j])
+                if grammar is not None:
+                    stats["overrides"][order] = grammar.overrides
+            else:
+                # static batches for attention that takes no custom mask (e.g. flash attention): longest answers
+                # first, then longest prompts, so that rows of a batch stop at about the same step and pad little
+                order = np.lexsort((-lengths, -budgets))
+                pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+                for lo in range(0, n, int(batch_size)):
+                    idx = order[lo : lo + int(batch_size)]
+                    width = int(lengths[idx].max())
+                    input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+                    attention = torch.zeros((len(idx), width), dtype=torch.long)
+                    for row, i in enumerate(idx):  # left padding: the answers of all rows start at column `width`
+                        input_ids[row, width - lengths[i] :] = torch.from_numpy(ids[i]).long()
+                        attention[row, width - lengths[i] :] = 1
+                    choose = None
+                    if asked is not None:
+                        grammar = HumobAnswerLogitsProcessor(tokenizer, [asked[i] for i in idx], cell_range, eos,
+                                                             token_texts=token_texts)
+                        choose = grammar.next_tokens
+                    generated = greedy_decode(model, input_ids.to(device), attention.to(device),
+                                              max_new_tokens=budgets[idx], eos_token_ids=eos, choose=choose)
+                    if asked is not None:
+                        stats["overrides"][idx] = grammar.overrides
+                    for row, i in enumerate(idx):
+                        record(i, generated[row])
+                    bar.update(len(idx))
     finally:
         bar.close()
         if was_training:
@@ -621,21 +642,29 @@ def generate_answers(
     """Greedy answers of a causal LM to chat prompts, batched.
 
     Each prompt is rendered with `tokenizer.apply_chat_template(..., add_generation_prompt=True)` (a string prompt is
-    used as it is), prompts are sorted by answer budget, then token length (longest first) and cut into batches, each
-    batch is left-padded by hand (the tokenizer's `padding_side` is neither read nor changed) and decoded greedily on
-    the model's device under `torch.inference_mode()` by [`train.greedy_decode.greedy_decode`] (a KV cache reserved
-    up front, each row leaving the batch at its end-of-sequence token (the tokenizer's and the model's
-    `generation_config` eos ids) or its own budget, prompts prefilled one at a time on a CPU), so batched and
-    unbatched answers agree. The model is put in eval mode and restored afterwards.
+    used as it is) and decoded greedily on the model's device under `torch.inference_mode()`, each answer ending at
+    its end-of-sequence token (the tokenizer's and the model's `generation_config` eos ids) or its own budget:
+
+    - SDPA or eager attention (the default of transformers models): continuous batching
+      ([`train.greedy_decode.continuous_greedy_decode`]): up to `batch_size` prompts decode together and a finished
+      prompt's place goes to the next one at once; prompts are taken longest first (then longest budget), so that
+      the prompts decoding together have similar lengths.
+    - other attention implementations (flash attention takes no custom mask): static batches of `batch_size`
+      prompts sorted by answer budget, then token length (longest first), left-padded by hand
+      ([`train.greedy_decode.greedy_decode`]).
+
+    Prompts are prefilled one at a time (without padding) in both, the tokenizer's `padding_side` is neither read nor
+    changed, and batched and unbatched answers agree. The model is put in eval mode and restored afterwards.
 
     Args:
         model: a causal LM (a transformers `*ForCausalLM`; any device).
-        tokenizer: its tokenizer, with a chat template for message prompts; its pad token (else eos) pads.
+        tokenizer: its tokenizer, with a chat template for message prompts; its pad token (else eos) pads static
+            batches.
         prompts (`Sequence`): chat message lists (`[{"role": ..., "content": ...}, ...]`) or rendered strings.
         batch_size (`int`, *optional*, defaults to 16): prompts decoded together; 1 is unbatched.
         max_new_tokens (`int` or `Sequence[int]`, *optional*, defaults to 1024): the answer budget, one for all or
             one per prompt (see [`answer_token_budget`]).
-        progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over the prompts.
+        progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over the prompts (advanced as answers end).
         asked (`Sequence`, *optional*): per prompt, its asked (d, t) as an `(m, 2)` array (see
             [`parse_asked_slots`]). Given, decoding is grammar-constrained
             ([`train.humob_grammar.HumobAnswerLogitsProcessor`]): each answer is the compact JSON with exactly the
