@@ -30,18 +30,20 @@ whatever the weights.
    over that; best of `--repeats`, after one warm-up call on two users. The last line says whether batching is at least 3x faster
    per user than batch size 1 (the issue's target).
 
-OpenMP waiting: unless `OMP_WAIT_POLICY` is already set, this script sets it to `PASSIVE` before importing torch. With
-the default active waiting, torch's threads spin while waiting for each other, and when another process keeps a core
-busy a descheduled thread stalls every parallel region: on a 2-core machine beside a busy training process, the demo
-model decoded about 30x slower with 2 threads than with 1 (28 vs 890 tokens/s), passive waiting removed that. The
-policy in effect is printed with the load average.
+OpenMP waiting: the script runs with the environment's `OMP_WAIT_POLICY` (unset: OpenMP's default, what `mobility
+predict` gets), or `PASSIVE` with `--omp-passive` (set before torch is imported). On an idle machine the default is
+the faster: on 2 cores with 2 threads, passive waiting made every parallel region wake its threads, and unbatched
+decoding of the demo model ran ~3x slower (21.4 s vs 7.7 s for 39 users). On a machine that another process keeps
+busy, the default spinning stalls every parallel region behind a descheduled thread (the demo model decoded ~30x
+slower with 2 threads than with 1 beside a training process, 28 vs 890 tokens/s); there pass `--omp-passive` or
+`--threads 1`. The policy in effect is printed with the load average.
 
 Wall times depend on the machine and on what else runs on it; nothing here asserts on them.
 
 Usage:
 
     python benchmarks/bench_humob.py [--run RUN_DIR | --model smollm2-135m-instruct | --train-steps 60]
-                                     [--users 16 --batch-sizes 1,4,8,16 --repeats 3 --threads 0 --seed 0]
+                                     [--users 0 --batch-sizes 1,4,8,16 --repeats 3 --threads 0 --omp-passive --seed 0]
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ import tempfile
 import time
 from pathlib import Path
 
-OMP_POLICY_GIVEN = os.environ.get("OMP_WAIT_POLICY")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see the module docstring)
+if "--omp-passive" in sys.argv[1:]:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # before torch loads OpenMP (see the module docstring)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -168,13 +170,14 @@ def bench_generation(args, model, tokenizer, data_dir: Path, qa: Path, batch_siz
     data = load_prepared(data_dir)
     split_uids = data.table("samples", "test").column("uid").to_pylist()
     by_uid = {int(r["uid"]): r["prompt"] for r in load_rows(qa, "test")}
-    chosen = [u for u in split_uids[: args.users] if u in by_uid]
+    chosen = [u for u in split_uids[: args.users or None] if u in by_uid]
     prompts = dict(zip(chosen, (by_uid[u] for u in chosen)))
     prompt_tokens = np.array([len(x) for x in render_ids(tokenizer, list(prompts.values()))])
 
-    def predict(batch_size: int, constrained: bool = True, users: int = args.users) -> dict:
+    def predict(batch_size: int, constrained: bool = True, users: int | None = None) -> dict:
         _, report = predict_grid(model, tokenizer, data, split="test", prompts=prompts, batch_size=batch_size,
-                                 max_users=users, on_missing_prompt="fallback", constrained=constrained,
+                                 max_users=users or args.users or None, on_missing_prompt="fallback",
+                                 constrained=constrained,
                                  progress=False)
         return report
 
@@ -231,20 +234,24 @@ def main(argv: list[str] | None = None) -> None:
                              "constrained answers have the full length whatever the weights")
     parser.add_argument("--train-steps", type=int, default=60,
                         help="max_steps of the demo recipe when no --run is given (default 60)")
-    parser.add_argument("--users", type=int, default=16,
-                        help="test users whose prompts are generated (default 16 of the 40 test users, to keep the "
-                             "run short on 2 busy cores)")
+    parser.add_argument("--users", type=int, default=0,
+                        help="the first test users whose prompts are generated (default 0: all of them, 39 in the "
+                             "default city, as `mobility predict` does a whole split; prediction batches "
+                             "continuously, so a few users leave the batch half-empty for much of the run and "
+                             "understate batching)")
     parser.add_argument("--batch-sizes", default="1,4,8,16",
                         help="comma-separated generation batch sizes; 1 (first) is batching off (default 1,4,8,16)")
     parser.add_argument("--repeats", type=int, default=3, help="timings per batch size; best is reported (default 3)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--omp-passive", action="store_true",
+                        help="OMP_WAIT_POLICY=PASSIVE (for a machine that other work keeps busy; slower when idle)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic city, the split and the training")
     args = parser.parse_args(argv)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     if not batch_sizes or min(batch_sizes) < 1:
         parser.error(f"--batch-sizes must list positive integers, got {args.batch_sizes!r}")
-    if args.users < 1 or args.repeats < 1 or args.train_steps < 1 or args.threads < 0:
-        parser.error("--users, --repeats and --train-steps must be positive, --threads non-negative")
+    if args.users < 0 or args.repeats < 1 or args.train_steps < 1 or args.threads < 0:
+        parser.error("--repeats and --train-steps must be positive, --users and --threads non-negative")
     if args.run is not None and not (args.run / "model").is_dir():
         parser.error(f"--run {args.run} has no model/ folder")
     if args.threads:
@@ -257,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    policy = os.environ["OMP_WAIT_POLICY"] + (" (given)" if OMP_POLICY_GIVEN else " (set by this script)")
+    policy = os.environ.get("OMP_WAIT_POLICY") or "unset (OpenMP's default)"
     print(f"{os.cpu_count()} CPUs, load average {load} at start (other work on the cores slows every timing); "
           f"{torch.get_num_threads()} torch thread(s), OMP_WAIT_POLICY={policy}")
 
