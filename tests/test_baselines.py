@@ -120,6 +120,21 @@ def test_slot_mode_hand_worked():
     assert pred2[["x", "y"]].values.tolist() == [[5, 5], [7, 7], [1, 1], [5, 5]]
 
 
+def test_slot_mode_on_a_window_of_input_days():
+    # days 1-5 only: Tue d1 slot 10 (5,5), slot 20 (8,8); Sat d5 slot 10 (1,1). d7 (Monday) slot 10 -> (5,5), slot 20
+    # -> (8,8) (d0's (7,7) is outside the window); d12 (Saturday) slot 10 -> (1,1); slot 30 -> the user's most visited
+    # cell in the window: a three-way tie (1,1)/(5,5)/(8,8) -> the lower cell (1,1)
+    pred = slot_mode_predictions(_grid_samples(), day0_weekday=0, input_days=(1, 5))
+    assert pred[["x", "y"]].values.tolist() == [[5, 5], [8, 8], [1, 1], [1, 1]]
+    # the whole range is the plain baseline
+    assert slot_mode_predictions(_grid_samples(), input_days=(0, 5)).equals(
+        slot_mode_predictions(_grid_samples()))
+    with pytest.raises(ValueError, match="no input rows in days 2-4"):
+        slot_mode_predictions(_grid_samples(), input_days=(2, 4))
+    with pytest.raises(ValueError, match="first <= last"):
+        slot_mode_predictions(_grid_samples(), input_days=(5, 1))
+
+
 def _brute_force_rank(name, train, locs, sample):
     """An independent reference: every candidate's key tuple from plain Python counts, sorted."""
     from collections import Counter

@@ -8,6 +8,7 @@ import pytest
 from datasets import load_dataset
 
 from train.cli import main
+from train.demo import LLAMAMOB_INPUT_DAYS
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +103,13 @@ def test_demo_writes_report_and_plots(tmp_path, monkeypatch, offline_home):
     # Llama-3-8B-Mob on the grid city and, zero-shot, on a second city; every asked slot answered once
     lm = json.loads((tmp_path / "demo" / "metrics_llamamob.json").read_text())
     for city in ("city", "second_city"):
-        assert list(lm[city]["results"]) == [list(lm[city]["results"])[0], "slot-mode"]
+        window = "slot-mode (days {}-{})".format(*LLAMAMOB_INPUT_DAYS)  # slot-mode on the model's window too
+        assert list(lm[city]["results"]) == [list(lm[city]["results"])[0], "slot-mode", window]
         pred = lm[city]["prediction"]
         assert pred["asked_slots"] == pred["answered"] + pred["filled"] > 0
         assert pred["decoding"] == "constrained" and pred["filled"] == 0  # the model answers every slot itself
     assert "Constrained decoding:" in report and "llamamob_smollm.yaml" in report  # a 2-step model falls short
+    assert "Slot-mode fitted on the model's window alone (days {}-{}) scores".format(*LLAMAMOB_INPUT_DAYS) in report
     assert "## Llama-3-8B-Mob" in report and "Second city" in report and "sft/llamamob/training_curve.png" in report
     assert (tmp_path / "demo" / "sft" / "llamamob" / "training_curve.png").stat().st_size > 10_000
     # NextLocMoE beside the baselines and MHSA on every test sample, routing per archetype, zero-shot second city

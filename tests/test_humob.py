@@ -517,6 +517,27 @@ def test_evaluate_grid_predictions_of_the_reference(grid_dir, tmp_path):
     assert report["predictions"] == {"rows": len(reference) + 2, "extra_users_dropped": 1, "extra_rows_dropped": 2}
 
 
+def test_evaluate_grid_predictions_adds_slot_mode_on_the_model_window(grid_dir):
+    from train.baselines import slot_mode_predictions
+    from train.evaluate import grid_metrics
+
+    data = humob._load_grid(grid_dir)
+    reference = grid_targets(data, "test")
+    samples = data.table("samples", "test")
+    days = np.concatenate(samples.column("input_d").to_pylist())
+    last = int(days.max())
+    report = evaluate_grid_predictions(reference, grid_dir, "test", name="oracle", input_days=(last - 2, last))
+    window = f"slot-mode (days {last - 2}-{last})"
+    assert list(report["results"]) == ["oracle", "slot-mode", window]
+    want = grid_metrics(slot_mode_predictions(samples, input_days=(last - 2, last)), reference, samples.num_rows)
+    assert report["results"][window] == want
+    assert report["results"][window] != report["results"]["slot-mode"]
+    assert f"| {window} |" in format_results_table(report)
+    # a window holding every input day adds nothing
+    whole = evaluate_grid_predictions(reference, grid_dir, "test", input_days=(int(days.min()), last))
+    assert list(whole["results"]) == ["model", "slot-mode"]
+
+
 def test_evaluate_grid_predictions_errors(grid_dir):
     reference = grid_targets(humob._load_grid(grid_dir), "test")
     uids = sorted(reference["uid"].unique())

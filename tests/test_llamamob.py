@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from train.cli import main
+from train.llamamob import run_input_days
 from train.sft import load_recipe
 
 RECIPE = "train/recipes/llamamob_demo.yaml"
@@ -74,9 +75,12 @@ def test_predict_answers_every_asked_slot_once_and_evaluate_scores_it(trained, c
 
     assert main(["-q", "evaluate", str(run), "--data", str(data), "--predictions", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| slot-mode |" in printed and "| run |" in printed
+    # beside slot-mode over every input day: slot-mode on the run's own input window (its instructions' days)
+    assert run_input_days(run) == (11, 17)  # the fixture's --input-days, read from the run's instructions
+    window = "slot-mode (days 11-17)"
+    assert "| slot-mode |" in printed and "| run |" in printed and f"| {window} |" in printed
     metrics = json.loads((run / "metrics.json").read_text())
-    assert list(metrics["results"]) == ["run", "slot-mode"]
+    assert list(metrics["results"]) == ["run", "slot-mode", window]
     for res in metrics["results"].values():
         assert 0.0 <= res["geobleu@5"] <= 1.0 and res["dtw"] >= 0.0 and res["num_users"] == len(test)
     assert "| run |" in (run / "README.md").read_text()  # the card got the metrics table
@@ -154,3 +158,12 @@ def test_smollm_recipe_trains_lora_on_the_offline_alias_and_predicts(trained, of
     report = json.loads((run / "prediction_report_test.json").read_text())
     assert report["decoding"] == "constrained" and report["answered"] == report["asked_slots"] > 0
     assert report["filled"] == 0 and report["stopped_at_limit"] == 0
+
+
+def test_run_input_days_is_none_without_recorded_instructions(tmp_path):
+    assert run_input_days(tmp_path) is None  # no instructions/ folder
+    (tmp_path / "instructions").mkdir()
+    (tmp_path / "instructions" / "hf_mobility.json").write_text('{"config": {"input_days": null}}')
+    assert run_input_days(tmp_path) is None
+    (tmp_path / "instructions" / "hf_mobility.json").write_text('{"config": {"input_days": [3, 9]}}')
+    assert run_input_days(tmp_path) == (3, 9)

@@ -300,17 +300,25 @@ def explode_grid_samples(samples: pa.Table, prefix: str) -> pd.DataFrame:
     return pd.DataFrame({"uid": uid, **cols})
 
 
-def slot_mode_predictions(samples: pa.Table, *, day0_weekday: int = 0) -> pd.DataFrame:
+def slot_mode_predictions(samples: pa.Table, *, day0_weekday: int = 0,
+                          input_days: tuple[int, int] | None = None) -> pd.DataFrame:
     """Per-user slot-mode predictions for every target (d, t) of grid ``samples``: columns uid, d, t, x, y.
 
     The mode is taken over the user's input rows at the same slot and day type (weekday/weekend); ties go to the
-    lower (x, y). Back-off: the user's most visited cell, then the most visited cell of all users.
+    lower (x, y). Back-off: the user's most visited cell, then the most visited cell of all users. ``input_days``
+    ``(first, last)`` keeps only the input rows of those days (e.g. the window a Q&A prompt shows a model).
     """
     inputs = explode_grid_samples(samples, "input")
     inputs = inputs[inputs["x"] != HIDDEN_CELL]
+    if input_days is not None:
+        first, last = (int(v) for v in input_days)
+        if first > last:
+            raise ValueError(f"input_days must be (first, last) with first <= last, got {input_days!r}")
+        inputs = inputs[(inputs["d"] >= first) & (inputs["d"] <= last)]
     targets = explode_grid_samples(samples, "target")[["uid", "d", "t"]]
     if len(inputs) == 0:
-        raise ValueError("no input rows to fit the slot-mode baseline")
+        days = "" if input_days is None else f" in days {input_days[0]}-{input_days[1]}"
+        raise ValueError(f"no input rows{days} to fit the slot-mode baseline")
     inputs = inputs.assign(we=((inputs["d"].astype(np.int64) + day0_weekday) % 7 >= 5))
     targets = targets.assign(we=((targets["d"].astype(np.int64) + day0_weekday) % 7 >= 5))
 

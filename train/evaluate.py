@@ -320,14 +320,20 @@ def _grid_results(data: PreparedDataset, names: list[str], split: str, sample_id
     results = {}
     for name in names:
         pred = slot_mode_predictions(samples, day0_weekday=int(data.metadata.get("day0_weekday", 0)))
-        results[name] = {
-            "geobleu@5": geobleu(pred, reference, max_n=5),
-            "geobleu@3": geobleu(pred, reference, max_n=3),
-            "dtw": dtw(pred, reference),
-            "num_users": int(samples.num_rows),
-            "num_points": int(len(reference)),
-        }
+        results[name] = grid_metrics(pred, reference, samples.num_rows)
     return results
+
+
+def grid_metrics(predictions: pd.DataFrame, reference: pd.DataFrame, num_users: int) -> dict[str, Any]:
+    """The metrics of a grid result: `geobleu@5`, `geobleu@3`, `dtw` of `predictions` against `reference` (rows
+    uid, d, t, x, y with the same keys), `num_users` and `num_points` (the reference rows)."""
+    return {
+        "geobleu@5": geobleu(predictions, reference, max_n=5),
+        "geobleu@3": geobleu(predictions, reference, max_n=3),
+        "dtw": dtw(predictions, reference),
+        "num_users": int(num_users),
+        "num_points": int(len(reference)),
+    }
 
 
 def evaluate_baselines(

@@ -38,13 +38,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dataset_builders.publish import PreparedDataset, load_prepared
 from dataset_builders.schema import HIDDEN_CELL
 
 from .baselines import slot_mode_predictions
-from .evaluate import evaluate_baselines, grid_targets, write_text_atomic
-from .metrics import dtw, geobleu
+from .evaluate import evaluate_baselines, grid_metrics, grid_targets, write_text_atomic
 
 __all__ = [
     "HUMOB_CONFIG",
@@ -1010,6 +1010,7 @@ def evaluate_grid_predictions(
     split: str = "test",
     *,
     name: str = "model",
+    input_days: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """GEO-BLEU (N = 5 and N = 3) and DTW of grid predictions against a split's targets, with slot-mode beside them.
 
@@ -1018,9 +1019,13 @@ def evaluate_grid_predictions(
         data_dir (`str`, `os.PathLike` or `PreparedDataset`): the prepared grid dataset.
         split (`str`, *optional*, defaults to `"test"`): the split to score (not `hidden`: it has no reference).
         name (`str`, *optional*, defaults to `"model"`): the results key of the predictions.
+        input_days (`tuple[int, int]`, *optional*): the input days `(first, last)` the model saw (a Q&A prompt's
+            window). When the split's input rows reach outside them, the results also hold
+            `"slot-mode (days first-last)"`: slot-mode fitted on those days only, what copying the window's most
+            frequent cell per slot would score (the `"slot-mode"` row uses every input day).
 
     Returns:
-        `dict`: `{"data", "split", "kind": "grid", "results": {name: metrics, "slot-mode": metrics}, "predictions":
+        `dict`: `{"data", "split", "kind": "grid", "results": {name: metrics, "slot-mode": metrics, ...}, "predictions":
         {...}}` where metrics are `geobleu@5`, `geobleu@3`, `dtw`, `num_users`, `num_points` (the format of
         [`train.evaluate.evaluate_baselines`], printable with `format_results_table`), and `predictions` counts the
         rows read and the users and rows outside the split that were dropped (`extra_users_dropped`,
@@ -1054,21 +1059,26 @@ def evaluate_grid_predictions(
                        int((~keep).sum()))
     scored = frame.loc[keep]
     _check_same_slots(scored, reference, split)
-    res = {
-        "geobleu@5": geobleu(scored, reference, max_n=5),
-        "geobleu@3": geobleu(scored, reference, max_n=3),
-        "dtw": dtw(scored, reference),
-        "num_users": int(len(split_uids)),
-        "num_points": int(len(reference)),
-    }
+    res = grid_metrics(scored, reference, len(split_uids))
     logger.info("%s on %s: geobleu@5 %.4f, geobleu@3 %.4f, dtw %.2f over %d users", name, split, res["geobleu@5"],
                 res["geobleu@3"], res["dtw"], res["num_users"])
-    baseline = evaluate_baselines(data, "slot-mode", split=split)
+    baseline = evaluate_baselines(data, "slot-mode", split=split)["results"]
+    if input_days is not None:
+        samples = data.table("samples", split)
+        days = pc.list_flatten(samples.column("input_d"))
+        first, last = (int(v) for v in input_days)
+        if len(days) and (pc.min(days).as_py() < first or pc.max(days).as_py() > last):
+            window = f"slot-mode (days {first}-{last})"
+            if name == window:
+                raise ValueError(f"name {window!r} is taken by the baseline in the report; choose another name")
+            pred = slot_mode_predictions(samples, day0_weekday=int(data.metadata.get("day0_weekday", 0)),
+                                         input_days=(first, last))
+            baseline[window] = grid_metrics(pred, reference, len(split_uids))
     return {
         "data": str(data.path),
         "split": split,
         "kind": "grid",
-        "results": {name: res, **baseline["results"]},
+        "results": {name: res, **baseline},
         "predictions": {
             "rows": int(len(frame)),
             "extra_users_dropped": int(extra_users.size),

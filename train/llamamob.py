@@ -143,7 +143,8 @@ def evaluate_llamamob_run(
         source = frame
     else:
         source = Path(predictions)
-    report = evaluate_grid_predictions(source, data_dir, split=split, name=info.get("name", "llamamob"))
+    report = evaluate_grid_predictions(source, data_dir, split=split, name=info.get("name", "llamamob"),
+                                       input_days=run_input_days(run))
     if prediction_report is not None:
         report["prediction"] = prediction_report
     write_json_atomic(report, run / "metrics.json")
@@ -153,6 +154,18 @@ def evaluate_llamamob_run(
     recipe = (run / "recipe.yaml").read_text(encoding="utf-8") if (run / "recipe.yaml").is_file() else None
     write_text_atomic(build_model_card(info, metrics=report, recipe=recipe, run_dir=run), run / "README.md")
     return report
+
+
+def run_input_days(run_dir: str | os.PathLike) -> tuple[int, int] | None:
+    """The input days `(first, last)` of the humob-qa prompts a run was trained on (its `instructions/` metadata), or
+    `None` when the run does not record them."""
+    meta = Path(run_dir) / "instructions" / "hf_mobility.json"
+    try:
+        days = json.loads(meta.read_text(encoding="utf-8"))["config"]["input_days"]
+        first, last = (int(v) for v in days)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return first, last
 
 
 def build_model_card(info: dict, *, metrics: dict | None = None, recipe: str | None = None,
