@@ -202,7 +202,8 @@ def build_model_card(info: dict, *, metrics: dict | None = None, recipe: str | N
     if metrics and metrics.get("results"):
         parts += [f"GEO-BLEU (N = 5, and N = 3 as in HuMob'24 reports; higher is better) and DTW (lower is better) on "
                   f"the `{metrics.get('split', 'test')}` users, beside the per-user slot-mode baseline on the same "
-                  "slots. Unanswered slots are filled from that baseline and counted.", "",
+                  "slots (over every input day; `slot-mode (days a-b)`: fitted on the model's input window alone). "
+                  "Unanswered slots are filled from that baseline and counted.", "",
                   format_results_table(metrics), ""]
         pred = metrics.get("prediction") or {}
         if pred.get("asked_slots"):
