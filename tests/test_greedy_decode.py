@@ -60,17 +60,25 @@ def test_equals_greedy_generate_per_prompt():
     assert any(w and w[-1] in eos for w in want) and any(len(w) == b for w, b in zip(want, budgets))
 
 
+def row_zero_ends_at_step_two(seen: list):
+    """A chooser that records the rows it is asked for (in `seen`) and writes token 5, except eos 7 for row 0 at the
+    second step."""
+
+    def choose(rows, scores):
+        seen.append(rows.tolist())
+        assert scores.shape == (len(rows), 50)
+        return np.array([7 if (r == 0 and len(seen) == 2) else 5 for r in rows])
+
+    return choose
+
+
 def test_chooser_receives_the_live_rows_only():
     """A custom chooser sees the original indices of the rows still decoding; a row ends at its eos and the others go
     on (here: row 0 must stop after 2 tokens, row 1 writes token 5 until its budget)."""
     model = tiny_lm()
     ids, mask = left_padded([[3, 4, 5], [6, 7]])
     seen = []
-
-    def choose(rows, scores):
-        seen.append(rows.tolist())
-        assert scores.shape == (len(rows), 50)
-        return np.array([7 if (r == 0 and len(seen) == 2) else 5 for r in rows])
+    choose = row_zero_ends_at_step_two(seen)
 
     with torch.inference_mode():
         out = greedy_decode(model, ids, mask, max_new_tokens=[10, 4], eos_token_ids=[7], choose=choose)
@@ -140,11 +148,7 @@ def test_continuous_refills_a_finished_slot_with_the_next_prompt():
     decodes on; the chooser sees the prompt indices whose token is due."""
     model = tiny_lm()
     seen = []
-
-    def choose(rows, scores):
-        seen.append(rows.tolist())
-        assert scores.shape == (len(rows), 50)
-        return np.array([7 if (r == 0 and len(seen) == 2) else 5 for r in rows])
+    choose = row_zero_ends_at_step_two(seen)
 
     with torch.inference_mode():
         out = continuous_greedy_decode(model, [[3, 4, 5], [6, 7], [8, 9, 10, 11]], max_new_tokens=[10, 4, 2],
