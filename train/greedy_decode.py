@@ -364,14 +364,14 @@ def continuous_greedy_decode(
 
     live = sum(admit(slot) for slot in range(slots))
     positions = torch.arange(cache.capacity, device=device)
-    additive = implementation == "eager"
+    mask_dtype = next(model.parameters()).dtype if implementation == "eager" else None  # eager adds its mask
     while live:
         columns = torch.as_tensor(length[:live], device=device)
         cache.begin_step(live, columns)
         mask = positions[None, : cache.step.width] <= columns[:, None]
-        if additive:
-            dtype = next(model.parameters()).dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        if mask_dtype is not None:
+            mask = torch.zeros(mask.shape, dtype=mask_dtype, device=device).masked_fill(
+                ~mask, torch.finfo(mask_dtype).min)
         out = model(input_ids=torch.as_tensor(pending[:live], device=device)[:, None],
                     attention_mask=mask[:, None, None, :], position_ids=columns[:, None], past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
