@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 
+from tokenization_mobility.constrained import cache_keyword, output_cache
 from train.greedy_decode import ReservedCache, SlotCache, continuous_greedy_decode, greedy_decode
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -204,3 +205,48 @@ def test_continuous_refuses_bad_input():
     with pytest.raises(ValueError, match="attention mask"):
         continuous_greedy_decode(model, [[1, 2]], max_new_tokens=[3], eos_token_ids=[7])
     assert continuous_greedy_decode(model, [], max_new_tokens=[], eos_token_ids=[7]) == []
+
+
+def test_cache_keyword_follows_the_forward_signature():
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=False):
+            return input_ids
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None, use_cache=False):
+            return input_ids
+
+    class Wrapper(torch.nn.Module):  # a PEFT model forwards **kwargs to the model it wraps
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def get_base_model(self):
+            return self.base
+
+        def forward(self, *args, **kwargs):
+            return self.base(*args, **kwargs)
+
+    assert cache_keyword(Old()) == "past_key_values"
+    assert cache_keyword(New()) == "cache"
+    assert cache_keyword(Wrapper(Old())) == "past_key_values"
+    assert cache_keyword(Wrapper(New())) == "cache"
+    llama = tiny_lm()
+    out = llama(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
+    assert isinstance(output_cache(out), DynamicCache) and output_cache(out).get_seq_length() == 3
+    assert output_cache({"logits": out.logits}) is None
+
+
+def test_decoding_passes_the_cache_under_the_installed_name_without_a_deprecation_warning():
+    import warnings
+
+    model = tiny_lm()
+    prompts = [[3, 4, 5], [6, 7, 8, 9, 10]]
+    ids, mask = left_padded(prompts)
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("error", FutureWarning)  # transformers warns on the old keyword before removing it
+        static = greedy_decode(model, ids, mask, max_new_tokens=[4, 4], eos_token_ids=[999])
+        continuous = continuous_greedy_decode(model, prompts, max_new_tokens=[4, 4], eos_token_ids=[999], max_batch=2)
+    with torch.inference_mode():
+        want = [reference(model, p, 4, [999]) for p in prompts]
+    assert static == continuous == want

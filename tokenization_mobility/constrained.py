@@ -13,6 +13,7 @@ deterministic beam search used for Acc@k / NDCG evaluation.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -26,9 +27,36 @@ if TYPE_CHECKING:
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["LocationCodeLogitsProcessor", "make_prefix_allowed_tokens_fn", "rank_locations", "rank_locations_cached"]
+__all__ = [
+    "LocationCodeLogitsProcessor",
+    "cache_keyword",
+    "make_prefix_allowed_tokens_fn",
+    "output_cache",
+    "rank_locations",
+    "rank_locations_cached",
+]
 
 _PROCESSORS = ("vectorised", "prefix_fn")
+
+
+def _forward_parameters(model) -> set[str]:
+    names = set(inspect.signature(model.forward).parameters)
+    base = getattr(model, "get_base_model", None)  # a PEFT wrapper forwards **kwargs to the model it wraps
+    if not names & {"cache", "past_key_values"} and callable(base) and base() is not model:
+        return _forward_parameters(base())
+    return names
+
+
+def cache_keyword(model) -> str:
+    """The keyword that passes a KV cache to ``model.forward``: ``"cache"`` where the forward takes it (transformers
+    renamed ``past_key_values``, which it accepts with a warning until 5.40), else ``"past_key_values"``."""
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward returned (``out.cache``, or ``out.past_key_values`` before the rename)."""
+    keys = out.keys()
+    return out["cache"] if "cache" in keys else out["past_key_values"] if "past_key_values" in keys else None
 
 
 def _eos_id(tokenizer: LocationTokenizer, eos_token_id: int | None = None) -> int:
@@ -447,7 +475,8 @@ def _rank_batch_cached(model, tokenizer, tables: _CodePrefixTables, chunk: list[
     attention_mask = batch["attention_mask"].to(device)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
+    key = cache_keyword(model)
     logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # [B, V]
     b = len(chunk)
     cand = logp[:, tables.level_token_ids[0]]  # [B, K0]
@@ -463,8 +492,8 @@ def _rank_batch_cached(model, tokenizer, tables: _CodePrefixTables, chunk: list[
     for level in range(1, tables.num_levels + 1):
         tokens = tables.level_token_ids[level - 1][last_code][:, None]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-        out = model(input_ids=tokens, attention_mask=attention_mask, position_ids=next_pos, past_key_values=cache,
-                    use_cache=True)
+        out = model(input_ids=tokens, attention_mask=attention_mask, position_ids=next_pos, use_cache=True,
+                    **{key: cache})
         next_pos = next_pos + 1
         logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
         if level == tables.num_levels:  # only EOS may follow a complete code

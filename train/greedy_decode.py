@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from tokenization_mobility.constrained import cache_keyword
+
 __all__ = ["ReservedCache", "SlotCache", "continuous_greedy_decode", "greedy_decode"]
 
 
@@ -121,8 +123,8 @@ def greedy_decode(
     at most its own `max_new_tokens`).
 
     Args:
-        model: a causal LM (`forward(input_ids, attention_mask, position_ids, past_key_values, use_cache,
-            logits_to_keep)`, e.g. any transformers `*ForCausalLM`), in eval mode.
+        model: a causal LM (`forward(input_ids, attention_mask, position_ids, cache | past_key_values,
+            use_cache, logits_to_keep)`, e.g. any transformers `*ForCausalLM`), in eval mode.
         input_ids, attention_mask (`torch.LongTensor` of shape `(batch, width)`): left-padded prompts.
         max_new_tokens (`Sequence[int]`): per row, the most new tokens (>= 1).
         eos_token_ids (`Sequence[int]`): a row stops after emitting one of them.
@@ -145,6 +147,7 @@ def greedy_decode(
     attention = attention_mask.long()
     positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 1)  # as generate does for left padding
     cache = ReservedCache(width + int(budgets.max()))
+    key = cache_keyword(model)
     lengths_in = attention.sum(-1)
     if prefill_rows is None:
         prefill_rows = device.type == "cpu"
@@ -155,14 +158,14 @@ def greedy_decode(
         for row in range(batch):
             n = int(lengths_in[row])
             states = DynamicCache()
-            out = model(input_ids=input_ids[row:row + 1, width - n:], past_key_values=states, use_cache=True,
+            out = model(input_ids=input_ids[row:row + 1, width - n:], use_cache=True, **{key: states},
                         logits_to_keep=1)
             rows_scores.append(out.logits[:, -1])
             cache.place_row(row, batch, states, width)
         cache.set_length(width)
         scores = torch.cat(rows_scores, dim=0)
     else:
-        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, **{key: cache},
                     use_cache=True, logits_to_keep=1)
         scores = out.logits[:, -1]
     next_position = positions[:, -1] + 1
@@ -187,7 +190,7 @@ def greedy_decode(
             alive, tokens = alive[keep], tokens[keep]
         attention = torch.cat([attention, attention.new_ones((len(alive), 1))], dim=1)
         out = model(input_ids=torch.as_tensor(tokens, device=device)[:, None], attention_mask=attention,
-                    position_ids=next_position[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    position_ids=next_position[:, None], **{key: cache}, use_cache=True, logits_to_keep=1)
         scores = out.logits[:, -1]
         next_position = next_position + 1
 
@@ -312,8 +315,8 @@ def continuous_greedy_decode(
     different batch composition.
 
     Args:
-        model: a causal LM (`forward(input_ids, attention_mask, position_ids, past_key_values, use_cache,
-            logits_to_keep)`, e.g. any transformers `*ForCausalLM`) with SDPA or eager attention, in eval mode.
+        model: a causal LM (`forward(input_ids, attention_mask, position_ids, cache | past_key_values,
+            use_cache, logits_to_keep)`, e.g. any transformers `*ForCausalLM`) with SDPA or eager attention, in eval mode.
         prompts (`Sequence`): token ids of each prompt (at least one token each).
         max_new_tokens (`Sequence[int]`): per prompt, the most new tokens (>= 1).
         eos_token_ids (`Sequence[int]`): a prompt's answer stops after one of them.
@@ -338,6 +341,7 @@ def continuous_greedy_decode(
         raise ValueError(f"continuous batching passes its own attention mask, which {implementation!r} attention "
                          f"does not take; load the model with attn_implementation in {CONTINUOUS_ATTENTION}")
     device = next(model.parameters()).device
+    key = cache_keyword(model)
     ids = [torch.as_tensor(np.asarray(p), dtype=torch.long).reshape(-1) for p in prompts]
     sizes = np.array([len(p) for p in ids], dtype=np.int64)
     if sizes.min() < 1:
@@ -357,7 +361,7 @@ def continuous_greedy_decode(
             return False
         if sizes[i] > 1:
             states = DynamicCache()
-            model(input_ids=ids[i][None, :-1].to(device), past_key_values=states, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids[i][None, :-1].to(device), use_cache=True, **{key: states}, logits_to_keep=1)
             cache.place(slot, states)
         owner[slot], length[slot], pending[slot] = i, sizes[i] - 1, int(ids[i][-1])
         return True
@@ -373,7 +377,7 @@ def continuous_greedy_decode(
             mask = torch.zeros(mask.shape, dtype=mask_dtype, device=device).masked_fill(
                 ~mask, torch.finfo(mask_dtype).min)
         out = model(input_ids=torch.as_tensor(pending[:live], device=device)[:, None],
-                    attention_mask=mask[:, None, None, :], position_ids=columns[:, None], past_key_values=cache,
+                    attention_mask=mask[:, None, None, :], position_ids=columns[:, None], **{key: cache},
                     use_cache=True, logits_to_keep=1)
         length[:live] += 1
         who = owner[:live].copy()
