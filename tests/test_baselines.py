@@ -135,6 +135,24 @@ def test_slot_mode_on_a_window_of_input_days():
         slot_mode_predictions(_grid_samples(), input_days=(5, 1))
 
 
+def test_slot_mode_from_records_serves_any_records_and_keeps_target_order():
+    import pandas as pd
+
+    from train.baselines import explode_grid_samples, slot_mode_from_records
+
+    records = explode_grid_samples(_grid_samples(), "input")
+    targets = explode_grid_samples(_grid_samples(), "target")[["uid", "d", "t"]]
+    assert slot_mode_from_records(records, targets).equals(slot_mode_predictions(_grid_samples()))
+    # targets in another order come back in that order; records of other days (here: later ones) serve as well
+    later = records.assign(d=records["d"] + 70)  # 70 days later: the same weekdays
+    shuffled = targets.iloc[[3, 0, 2, 1]].reset_index(drop=True)
+    got = slot_mode_from_records(later, shuffled)
+    assert got[["d", "t", "x", "y"]].values.tolist() == [[12, 30, 5, 5], [7, 10, 5, 5], [12, 10, 1, 1],
+                                                         [7, 20, 7, 7]]
+    with pytest.raises(ValueError, match="no records"):
+        slot_mode_from_records(pd.DataFrame(columns=["uid", "d", "t", "x", "y"]), targets)
+
+
 def _brute_force_rank(name, train, locs, sample):
     """An independent reference: every candidate's key tuple from plain Python counts, sorted."""
     from collections import Counter

@@ -167,3 +167,22 @@ def test_run_input_days_is_none_without_recorded_instructions(tmp_path):
     assert run_input_days(tmp_path) is None
     (tmp_path / "instructions" / "hf_mobility.json").write_text('{"config": {"input_days": [3, 9]}}')
     assert run_input_days(tmp_path) == (3, 9)
+
+
+def test_habit_oracle_continues_the_same_lives(trained, tmp_path):
+    from dataset_builders.publish import load_prepared
+    from dataset_builders.synthetic import synthesize_grid, write_yjmob
+    from train.demo import habit_oracle
+    from train.evaluate import grid_targets
+
+    # the CLI wrote synthesize_grid(num_users=30, num_days=20, seed=0): more days repeat these days exactly
+    made = {"num_users": 30, "num_days": 20, "seed": 0}
+    longer = synthesize_grid(**{**made, "num_days": 27})
+    assert longer[longer["d"] < 20].reset_index(drop=True).equals(synthesize_grid(**made))
+    oracle = habit_oracle(trained / "raw" / "grid.csv", trained / "data", made, extra_days=140)
+    reference = grid_targets(load_prepared(trained / "data"), "test")
+    assert oracle["num_points"] == len(reference) > 0 and oracle["num_users"] == reference["uid"].nunique()
+    assert 0 < oracle["geobleu@5"] <= 1 and oracle["dtw"] >= 0
+    # a CSV that is not that city (another seed) gets no oracle rather than a wrong one
+    other = write_yjmob(synthesize_grid(**{**made, "seed": 1}), tmp_path / "other.csv")
+    assert habit_oracle(other, trained / "data", made, extra_days=7) is None

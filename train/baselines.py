@@ -38,6 +38,7 @@ __all__ = [
     "explode_grid_samples",
     "fit_checkin_baseline",
     "nearest_location_ranks",
+    "slot_mode_from_records",
     "slot_mode_predictions",
 ]
 
@@ -319,8 +320,16 @@ def slot_mode_predictions(samples: pa.Table, *, day0_weekday: int = 0,
     if len(inputs) == 0:
         days = "" if input_days is None else f" in days {input_days[0]}-{input_days[1]}"
         raise ValueError(f"no input rows{days} to fit the slot-mode baseline")
-    inputs = inputs.assign(we=((inputs["d"].astype(np.int64) + day0_weekday) % 7 >= 5))
-    targets = targets.assign(we=((targets["d"].astype(np.int64) + day0_weekday) % 7 >= 5))
+    return slot_mode_from_records(inputs, targets, day0_weekday=day0_weekday)
+
+
+def slot_mode_from_records(records: pd.DataFrame, targets: pd.DataFrame, *, day0_weekday: int = 0) -> pd.DataFrame:
+    """The slot-mode cell of every ``targets`` row (columns uid, d, t) fitted on ``records`` (uid, d, t, x, y; real
+    cells only), with the back-offs of :func:`slot_mode_predictions`: columns uid, d, t, x, y in ``targets`` order."""
+    if len(records) == 0:
+        raise ValueError("no records to fit the slot-mode baseline")
+    inputs = records.assign(we=((records["d"].astype(np.int64) + day0_weekday) % 7 >= 5))
+    targets = targets[["uid", "d", "t"]].assign(we=((targets["d"].astype(np.int64) + day0_weekday) % 7 >= 5))
 
     def mode(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         counts = frame.groupby(by + ["x", "y"], sort=False).size().rename("n").reset_index()
