@@ -8,7 +8,7 @@ import pytest
 from datasets import load_dataset
 
 from train.cli import main
-from train.demo import LLAMAMOB_INPUT_DAYS, ORACLE_ROW
+from train.demo import HISTORY_ROW, LLAMAMOB_INPUT_DAYS, ORACLE_ROW
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +105,18 @@ def test_demo_writes_report_and_plots(tmp_path, monkeypatch, offline_home):
     for city in ("city", "second_city"):
         window = "slot-mode (days {}-{})".format(*LLAMAMOB_INPUT_DAYS)  # slot-mode on the model's window too
         # and the habit oracle of the synthetic city (its people's habits over 700 further simulated days)
-        assert list(lm[city]["results"]) == [list(lm[city]["results"])[0], "slot-mode", window, ORACLE_ROW]
+        rows = [list(lm[city]["results"])[0], "slot-mode", window, ORACLE_ROW]
+        if city == "city":  # and the model choosing among its prompt's cells (--cells history)
+            rows.insert(1, HISTORY_ROW)
+            assert 0 < lm[city]["results"][HISTORY_ROW]["target_in_prompt"] <= 1
+        assert list(lm[city]["results"]) == rows
         assert 0 < lm[city]["results"][ORACLE_ROW]["geobleu@5"] <= 1
         pred = lm[city]["prediction"]
         assert pred["asked_slots"] == pred["answered"] + pred["filled"] > 0
         assert pred["decoding"] == "constrained" and pred["filled"] == 0  # the model answers every slot itself
     assert "Constrained decoding:" in report and "llamamob_smollm.yaml" in report  # a 2-step model falls short
     assert f"`{ORACLE_ROW}` knows each person's habits" in report
+    assert f"`{HISTORY_ROW}` is the same model decoding with `--cells history`" in report
     assert "Slot-mode fitted on the model's window alone (days {}-{}) scores".format(*LLAMAMOB_INPUT_DAYS) in report
     assert "## Llama-3-8B-Mob" in report and "Second city" in report and "sft/llamamob/training_curve.png" in report
     assert (tmp_path / "demo" / "sft" / "llamamob" / "training_curve.png").stat().st_size > 10_000

@@ -423,6 +423,43 @@ def test_predict_grid_constrained_answers_every_slot_from_the_model(grid_dir, to
     assert report["stopped_at_limit"] == 0
 
 
+def test_predict_grid_history_cells_answers_only_with_the_prompt_cells(grid_dir, tokenizer, model, prompts):
+    from train.humob import history_cells
+
+    test = prompts["test"]
+    short = {u: _prompt(row, max_input_rows=5) for u, row in zip(test, _samples(grid_dir, "test"))}
+    empty = next(iter(short))
+    system, user = _prompt(_samples(grid_dir, "test")[0])
+    asked_only = [line for line in user["content"].split("\n") if not line[0].isdigit() or line.endswith("999 999")]
+    short[empty] = [system, {"role": "user", "content": "\n".join(asked_only)}]  # no records: keeps the grid
+    frame, report = predict_grid(model, tokenizer, grid_dir, "test", short, batch_size=2, cells="history",
+                                 progress=False)
+    assert report["cells"] == "history" and report["prompts_without_records"] == 1
+    assert report["answered"] == report["asked_slots"] == len(frame) and report["filled"] == 0
+    for uid, rows in frame.groupby("uid"):
+        allowed = history_cells(short[uid], (1, 200))
+        if uid == empty:
+            assert len(allowed) == 0
+            continue
+        assert 1 <= len(allowed) <= 5
+        assert set(map(tuple, rows[["x", "y"]].to_numpy().tolist())) <= set(map(tuple, allowed.tolist()))
+    # the grid default answers with other cells (the random model rarely picks a record's cell by itself)
+    free, grid_report = predict_grid(model, tokenizer, grid_dir, "test", short, batch_size=2, progress=False)
+    assert grid_report["cells"] == "grid" and grid_report["prompts_without_records"] is None
+    assert not free[["x", "y"]].equals(frame[["x", "y"]])
+    # history_cells reads the records of the last user message: distinct, sorted, on the grid
+    prompt = [{"role": "user", "content": "1 2 3 4"},
+              {"role": "user", "content": "Days 5-6 observed\n5 1 9 9\n5 2 3 4\n6 1 9 9\n6 2 300 4\n7 1 999 999"}]
+    assert history_cells(prompt, (1, 200)).tolist() == [[3, 4], [9, 9]]
+    with pytest.raises(ValueError, match="cells must be one of"):
+        predict_grid(model, tokenizer, grid_dir, "test", short, cells="seen", progress=False)
+    with pytest.raises(ValueError, match="free decoding writes any text"):
+        predict_grid(model, tokenizer, grid_dir, "test", short, cells="history", constrained=False, progress=False)
+    with pytest.raises(ValueError, match="pass asked"):
+        humob._generate(model, tokenizer, list(short.values()), batch_size=2, max_new_tokens=5, progress=False,
+                        cells=[None] * len(short))
+
+
 def test_predict_grid_fills_from_slot_mode_when_the_model_says_nothing(grid_dir, tokenizer, prompts):
     from dataset_builders.publish import load_prepared
     from train.baselines import slot_mode_predictions

@@ -88,3 +88,28 @@ def test_max_length_is_the_longest_answer():
     g = AnswerGrammar(ASKED, 1, 200)
     assert g.max_length == len(g.text_of([[200, 200]] * 3)) == len(g.text_of(CELLS)) + 5  # 18 digits at most, 13 in CELLS
     assert AnswerGrammar([[5, 7]], 0, 9).max_length == len('{"prediction":[[5,7,1,2]]}')
+
+
+def test_cells_restrict_each_slot_to_one_of_them():
+    allowed = [[45, 102], [7, 199], [45, 9], [120, 5]]
+    g = AnswerGrammar(ASKED, 1, 200, cells=allowed)
+    text = g.text_of([[45, 9], [7, 199], [45, 102]])
+    for chunk in (1, 2, 3, len(text)):
+        state = _walk(g, text, chunk)
+        assert state is not None and g.is_complete(state)
+    head = '{"prediction":[[60,13,'
+    for ok in ("4", "45", "45,1", "45,10", "45,102", "45,9", "7,19", "7,199", "12", "120,5"):
+        assert _walk(g, head + ok) is not None, ok
+    # an X no allowed cell has, a Y that goes with another X, a prefix that ends before an allowed number
+    for bad in ("5", "46", "200", "45,199", "45,5", "7,9", "45,10]", "12,", "4,", "120,50"):
+        assert _walk(g, head + bad) is None, bad
+    # the next slot starts over: its X again from every allowed cell
+    assert _walk(g, head + "45,9],[60,14,7,199]") is not None and _walk(g, head + "45,9],[60,14,7,9]") is None
+    # the longest answer still bounds every allowed answer
+    assert g.max_length >= len(g.text_of([[120, 5]] * 3))
+    with pytest.raises(ValueError, match=r"\(k, 2\)"):
+        AnswerGrammar(ASKED, 1, 200, cells=np.zeros((0, 2)))
+    with pytest.raises(ValueError, match=r"\(k, 2\)"):
+        AnswerGrammar(ASKED, 1, 200, cells=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"cells must lie in 1\.\.200, got \[0, 5\]"):
+        AnswerGrammar(ASKED, 1, 200, cells=[[3, 4], [0, 5]])

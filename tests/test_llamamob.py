@@ -72,6 +72,19 @@ def test_predict_answers_every_asked_slot_once_and_evaluate_scores_it(trained, c
     # constrained decoding (the default): the model answers every asked slot itself, on the grid, nothing dropped
     assert report["decoding"] == "constrained" and report["answered"] == report["asked_slots"] == len(asked)
     assert report["filled"] == report["not_asked"] == report["out_of_grid"] == report["stopped_at_limit"] == 0
+    assert report["cells"] == "grid"
+    # --cells history: every predicted cell is one of the user's records in the prompt (the last input days)
+    seen = trained / "pred_seen.csv"
+    assert main(["-q", "predict", str(run), "--data", str(data), "--out", str(seen), "--cells", "history"]) == 0
+    capsys.readouterr()
+    cells = pd.read_csv(seen).merge(
+        test[["uid", "input_d", "input_x", "input_y"]].explode(["input_d", "input_x", "input_y"]), on="uid")
+    window = cells[(cells["input_d"] >= 11) & (cells["input_d"] <= 17)]
+    history = set(zip(window["uid"], window["input_x"], window["input_y"]))
+    assert {(u, x, y) for u, x, y in zip(cells["uid"], cells["x"], cells["y"])} <= history
+    assert json.loads((run / "prediction_report_test.json").read_text())["cells"] == "history"
+    assert main(["-q", "predict", str(run), "--data", str(data), "--cells", "history", "--free-decoding"]) == 2
+    assert "free decoding writes any text" in capsys.readouterr().err
 
     assert main(["-q", "evaluate", str(run), "--data", str(data), "--predictions", str(out)]) == 0
     printed = capsys.readouterr().out

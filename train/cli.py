@@ -32,6 +32,9 @@ __all__ = ["build_parser", "main"]
 logger = logging.getLogger("mobility")
 
 EXIT_BAD_INPUT = 2
+CELLS_HELP = ("which cells a constrained answer may hold: grid (default, any cell of the grid) or history (only the "
+              "cells of the user's records in its prompt: a prior for models that read their history poorly; a prompt "
+              "without records keeps the grid)")
 
 
 def _parse_day_range(text: str) -> tuple[int, int]:
@@ -284,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "transfer to another city)")
     ev.add_argument("--free-decoding", action="store_true",
                     help="with a Llama-3-8B-Mob RUN_DIR: decode freely as the paper does (default: grammar-constrained)")
+    ev.add_argument("--cells", choices=("grid", "history"), default="grid",
+                    help="with a Llama-3-8B-Mob RUN_DIR: " + CELLS_HELP)
     ev.add_argument("--slice-by", action="append", default=None, metavar="COLUMN",
                     help="check-ins: also report the metrics per value of this column of the target check-in (e.g. "
                     "weather, an extra column of a CSV source; or a location column such as category); repeat it or "
@@ -306,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--free-decoding", action="store_true",
                     help="decode freely as the paper does (default: grammar-constrained, the model writes only the "
                     "cells of the asked slots, in order, on the grid)")
+    pr.add_argument("--cells", choices=("grid", "history"), default="grid", help=CELLS_HELP)
 
     push = sub.add_parser(
         "push",
@@ -605,7 +611,7 @@ def _evaluate(args) -> None:
 
         report = evaluate_llamamob_run(args.run_dir, args.data, split=args.split, predictions=args.predictions,
                                        batch_size=args.batch_size, constrained=not args.free_decoding,
-                                       progress=not args.quiet)
+                                       cells=args.cells, progress=not args.quiet)
         print(f"{args.run_dir} beside the slot-mode baseline on {args.data} ({args.split} split):\n")
         print(format_results_table(report))
         pred = report.get("prediction")
@@ -669,7 +675,8 @@ def _predict(args) -> None:
         raise ValueError("--batch-size and --max-users must be positive")
     frame, report = predict_llamamob_run(args.run_dir, args.data, split=args.split, out_csv=args.out,
                                          batch_size=args.batch_size, max_users=args.max_users,
-                                         constrained=not args.free_decoding, progress=not args.quiet)
+                                         constrained=not args.free_decoding, cells=args.cells,
+                                         progress=not args.quiet)
     print(f"{report.get('users', '?')} users, {len(frame):,} predicted slots; {report.get('filled', 0):,} filled from "
           f"the slot-mode baseline, {report.get('not_asked', 0):,} generated slots not asked (dropped), "
           f"{report.get('unparsable', 0)} unparsable answers")

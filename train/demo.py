@@ -330,6 +330,23 @@ LLAMAMOB_WINDOWS = 8  # training rows per user (earlier windows of the same leng
 LLAMAMOB_USER_FRACTIONS = (0.7, 0.1, 0.2)  # more test users than the default 10% of a 200-user city
 LLAMAMOB_ORACLE_DAYS = 700  # further simulated days of the same people behind the habit oracle
 ORACLE_ROW = "habit oracle"
+HISTORY_ROW = "llamamob (history cells)"  # the demo model decoding with cells="history"
+
+
+def _target_in_window(data: Path, split: str = "test") -> float:
+    """The share of the `split` targets whose cell is among the person's records of the demo's input window (what
+    `cells="history"` lets the model write)."""
+    from dataset_builders.publish import load_prepared
+
+    from .baselines import explode_grid_samples
+
+    samples = load_prepared(data).table("samples", split)
+    records = explode_grid_samples(samples, "input")
+    records = records[(records["d"] >= LLAMAMOB_INPUT_DAYS[0]) & (records["d"] <= LLAMAMOB_INPUT_DAYS[1])]
+    targets = explode_grid_samples(samples, "target")
+    seen = targets.merge(records[["uid", "x", "y"]].drop_duplicates(), on=["uid", "x", "y"], how="left",
+                         indicator=True)
+    return float((seen["_merge"] == "both").mean()) if len(seen) else 0.0
 
 
 def habit_oracle(grid_csv: str | os.PathLike, data: str | os.PathLike, synthetic: dict, *, split: str = "test",
@@ -444,6 +461,18 @@ def run_llamamob_demo(
     t0 = time.time()
     report = evaluate_llamamob_run(run, data, progress=progress)
     seconds["prediction + evaluation"] = time.time() - t0
+    # the same model choosing only among the cells of each person's records in its prompt (`--cells history`)
+    t0 = time.time()
+    model, tokenizer = _load(run)
+    frame, pred = predict_grid(model, tokenizer, data, split="test", instructions_dir=qa, on_missing_prompt="fallback",
+                               cells="history", progress=progress, out_csv=run / "predictions_test_history_cells.csv")
+    first = next(iter(report["results"]))
+    history = evaluate_grid_predictions(frame, data, split="test", name=HISTORY_ROW)["results"][HISTORY_ROW]
+    history["answered"], history["asked_slots"] = pred["answered"], pred["asked_slots"]
+    history["target_in_prompt"] = _target_in_window(data)
+    report["results"] = {first: report["results"][first], HISTORY_ROW: history,
+                         **{k: v for k, v in report["results"].items() if k != first}}
+    seconds["prediction with history cells"] = time.time() - t0
     if synthetic is not None:
         t0 = time.time()
         oracle = habit_oracle(grid_csv, data, synthetic)
@@ -458,7 +487,6 @@ def run_llamamob_demo(
         raw2 = write_yjmob(city2, out / "raw" / "grid_city2" / "grid.csv")
         data2, qa2 = _prepare_qa_city(read_dataset("yjmob", raw2), out, "grid_qa_city2", seed,
                                       "hf-mobility synthetic grid city 2 (another layout), demo horizon", 1)
-        model, tokenizer = _load(run)
         frame, pred2 = predict_grid(model, tokenizer, data2, split="test", instructions_dir=qa2,
                                     on_missing_prompt="fallback", progress=progress,
                                     out_csv=run / "predictions_city2_test.csv")
@@ -511,6 +539,13 @@ def _llamamob_lines(result: dict, out: Path) -> list[str]:
         lines += [f"{name} {verdict} slot-mode on GEO-BLEU (N=5) by {abs(diff):.4f} ({model['geobleu@5']:.4f} vs "
                   f"{base['geobleu@5']:.4f}); DTW {model['dtw']:.2f} vs {base['dtw']:.2f} (lower is better).{share}",
                   ""]
+        history = res.get(HISTORY_ROW)
+        if history is not None:
+            lines += [f"`{HISTORY_ROW}` is the same model decoding with `--cells history`: every cell it writes is one "
+                      "of the person's records in its prompt (the true cells of "
+                      f"{history.get('target_in_prompt', 0):.0%} of the asked slots are among them). It scores "
+                      f"{history['geobleu@5']:.4f} on GEO-BLEU (N=5) vs {model['geobleu@5']:.4f} on the whole grid: "
+                      "a prior for a model that reads its history poorly, not a substitute for reading it.", ""]
         window = next((k for k in res if k.startswith("slot-mode (days ")), None)
         if window is not None:
             ceiling = res[window]["geobleu@5"]

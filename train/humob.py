@@ -47,12 +47,14 @@ from .baselines import slot_mode_predictions
 from .evaluate import evaluate_baselines, grid_metrics, grid_targets, write_text_atomic
 
 __all__ = [
+    "CELL_CHOICES",
     "HUMOB_CONFIG",
     "PARSE_METHODS",
     "answer_token_budget",
     "evaluate_grid_predictions",
     "fill_predictions",
     "generate_answers",
+    "history_cells",
     "parse_asked_slots",
     "parse_prediction",
     "predict_grid",
@@ -62,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 HUMOB_CONFIG = "humob-qa"  # config name of the Q&A rows in an instruction dataset folder
 PARSE_METHODS = ("json", "repaired", "regex", "none")
+CELL_CHOICES = ("grid", "history")  # which cells a constrained answer may hold (see predict_grid)
 NUM_SLOTS = 48
 _MAX_VALUE = 2**31 - 1  # parsed integers above this are unusable (and would not fit the int64 arithmetic safely)
 _INT_TEXT = re.compile(r"^\s*[+-]?\d+\s*$")
@@ -305,6 +308,31 @@ def parse_prediction(text: str, *, num_slots: int = NUM_SLOTS) -> tuple[np.ndarr
     return result(None, "none")
 
 
+def _user_text(prompt: str | Sequence[Mapping[str, Any]]) -> str:
+    """A prompt string as it is, or the text of the last `user` message of chat messages."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, Sequence) and all(isinstance(m, Mapping) for m in prompt):
+        users = [m.get("content") for m in prompt if m.get("role") == "user"]
+        if not users or not isinstance(users[-1], str):
+            raise ValueError("the prompt holds no user message with text content; expected chat messages with a "
+                             "'user' message listing the records 'd t x y' and the asked slots 'd t 999 999'")
+        return users[-1]
+    raise ValueError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+
+
+def history_cells(prompt: str | Sequence[Mapping[str, Any]], cell_range: tuple[int, int]) -> np.ndarray:
+    """The distinct cells `(x, y)` of the records `d t x y` of a Q&A prompt (its last user message) that lie in
+    `cell_range`, sorted: what `cells="history"` lets a constrained answer hold. `(0, 2)` when it has none."""
+    from dataset_builders.instructions.humob_qa import parse_records
+
+    records, _ = parse_records(_user_text(prompt))
+    lo, hi = (int(v) for v in cell_range)
+    xy = records[:, 2:4]
+    xy = xy[((xy >= lo) & (xy <= hi)).all(axis=1)]
+    return np.unique(xy, axis=0).reshape(-1, 2)
+
+
 def parse_asked_slots(prompt: str | Sequence[Mapping[str, Any]]) -> np.ndarray:
     """The asked (d, t) of a Q&A prompt: its lines `d t 999 999`, in prompt order.
 
@@ -319,16 +347,7 @@ def parse_asked_slots(prompt: str | Sequence[Mapping[str, Any]]) -> np.ndarray:
     Raises:
         `ValueError`: if `prompt` is neither a string nor a list of messages, or holds no user message.
     """
-    if isinstance(prompt, str):
-        text = prompt
-    elif isinstance(prompt, Sequence) and all(isinstance(m, Mapping) for m in prompt):
-        users = [m.get("content") for m in prompt if m.get("role") == "user"]
-        if not users or not isinstance(users[-1], str):
-            raise ValueError("the prompt holds no user message with text content; expected chat messages with a "
-                             "'user' message listing the records 'd t x y' and the asked slots 'd t 999 999'")
-        text = users[-1]
-    else:
-        raise ValueError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+    text = _user_text(prompt)
     pairs = [(int(m.group(1)), int(m.group(2))) for m in _ASKED_LINE.finditer(text)]
     return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
 
@@ -518,7 +537,7 @@ def _render(tokenizer, prompts: Sequence[Any], chunk: int = 256) -> list[np.ndar
 
 def _generate(
     model, tokenizer, prompts: Sequence[Any], *, batch_size: int, max_new_tokens: int | Sequence[int], progress: bool,
-    asked: Sequence[Any] | None = None, cell_range: tuple[int, int] | None = None,
+    asked: Sequence[Any] | None = None, cell_range: tuple[int, int] | None = None, cells: Sequence[Any] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """[`generate_answers`] with statistics: `(answers, {"seconds", "tokens", "stopped_at_limit", "prompt_tokens",
     "overrides"})`; `overrides` (per prompt: tokens where the grammar replaced the model's top token) only with
@@ -551,6 +570,11 @@ def _generate(
             raise ValueError(f"asked has {len(asked)} entries for {n} prompts: give the asked slots of every prompt")
         if cell_range is None or len(cell_range) != 2:
             raise ValueError(f"cell_range must be (first cell, last cell) with asked, got {cell_range!r}")
+        cells = [None] * n if cells is None else list(cells)
+        if len(cells) != n:
+            raise ValueError(f"cells has {len(cells)} entries for {n} prompts: give one per prompt (None: the grid)")
+    elif cells is not None:
+        raise ValueError("cells restricts grammar-constrained decoding: pass asked (the asked slots) with it")
     stats = {"seconds": 0.0, "tokens": 0, "stopped_at_limit": 0, "prompt_tokens": 0}
     if asked is not None:
         stats["overrides"] = np.zeros(n, dtype=np.int64)
@@ -586,7 +610,7 @@ def _generate(
                 grammar = None
                 if asked is not None:
                     grammar = HumobAnswerLogitsProcessor(tokenizer, [asked[i] for i in order], cell_range, eos,
-                                                         token_texts=token_texts)
+                                                         token_texts=token_texts, cells=[cells[i] for i in order])
                 generated = continuous_greedy_decode(
                     model, [ids[i] for i in order], max_new_tokens=budgets[order], eos_token_ids=eos,
                     choose=grammar.next_tokens if grammar is not None else None, max_batch=int(batch_size),
@@ -611,7 +635,7 @@ def _generate(
                     choose = None
                     if asked is not None:
                         grammar = HumobAnswerLogitsProcessor(tokenizer, [asked[i] for i in idx], cell_range, eos,
-                                                             token_texts=token_texts)
+                                                             token_texts=token_texts, cells=[cells[i] for i in idx])
                         choose = grammar.next_tokens
                     generated = greedy_decode(model, input_ids.to(device), attention.to(device),
                                               max_new_tokens=budgets[idx], eos_token_ids=eos, choose=choose)
@@ -638,6 +662,7 @@ def generate_answers(
     progress: bool = True,
     asked: Sequence[Any] | None = None,
     cell_range: tuple[int, int] = (1, 200),
+    cells: Sequence[Any] | None = None,
 ) -> list[str]:
     """Greedy answers of a causal LM to chat prompts, batched.
 
@@ -671,6 +696,8 @@ def generate_answers(
             asked (d, t) in the asked order and the model's cells; without it, decoding is free.
         cell_range (`tuple[int, int]`, *optional*, defaults to `(1, 200)`): the first and last cell number, for
             constrained decoding.
+        cells (`Sequence`, *optional*): with `asked`, per prompt an `(k, 2)` array of the only cells its answer may
+            hold (e.g. the cells of its records), or `None` for the whole grid.
 
     Returns:
         `list[str]`: the decoded answers (special tokens skipped), in the order of `prompts`.
@@ -680,7 +707,8 @@ def generate_answers(
         without a chat template, or no eos token.
     """
     answers, _ = _generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           progress=progress, asked=asked, cell_range=cell_range if asked is not None else None)
+                           progress=progress, asked=asked, cell_range=cell_range if asked is not None else None,
+                           cells=cells)
     return answers
 
 
@@ -766,6 +794,7 @@ def predict_grid(
     max_users: int | None = None,
     on_missing_prompt: str = "error",
     constrained: bool = True,
+    cells: str = "grid",
     progress: bool = True,
     out_csv: str | os.PathLike | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -796,6 +825,11 @@ def predict_grid(
         constrained (`bool`, *optional*, defaults to `True`): grammar-constrained decoding (hf-mobility choice; see
             [`train.humob_grammar`]): the model writes only the cells of the asked slots, in the asked order, on the
             grid; `False` decodes freely as the paper does, and the tolerant parser and the fallback repair the answers.
+        cells (`str`, *optional*, defaults to `"grid"`): which cells a constrained answer may hold: `"grid"`, any
+            cell of the grid; `"history"`, only the cells of the user's records in its prompt ([`history_cells`];
+            people mostly return to places they have been: a prior for models that read their history poorly, at
+            the cost of never predicting a new place). A prompt without records keeps the grid (counted in
+            `prompts_without_records`).
         progress (`bool`, *optional*, defaults to `True`): show a progress bar.
         out_csv (`str` or `os.PathLike`, *optional*): also write the predictions there as `uid,d,t,x,y` (atomically).
 
@@ -807,7 +841,8 @@ def predict_grid(
         quadruples), `unparsable` (answers with no prediction at all), `parse_methods` (histogram),
         `stopped_at_limit` (answers that hit the token budget), `decoding` (`constrained` or `free`),
         `grammar_overrides` (constrained: tokens where the model's own top token left the answer grammar and the
-        best token on it was taken instead), `asked_differs_from_targets` (users whose asked slots
+        best token on it was taken instead), `cells`, `prompts_without_records` (with `cells="history"`),
+        `asked_differs_from_targets` (users whose asked slots
         are not the split's target slots), `unused_prompts`, `generation_seconds`, `total_seconds`, `prompt_tokens`,
         `tokens_generated`, `tokens_per_second`, `users_per_second`, `batch_size`, `unparsable_examples` (the first
         few unparsable answers, shortened).
@@ -833,6 +868,10 @@ def predict_grid(
         raise ValueError(f"{data.path}: split {split!r} has no users")
     if on_missing_prompt not in ("error", "fallback"):
         raise ValueError(f"on_missing_prompt must be 'error' or 'fallback', got {on_missing_prompt!r}")
+    if cells not in CELL_CHOICES:
+        raise ValueError(f"cells must be one of {CELL_CHOICES}, got {cells!r}")
+    if cells != "grid" and not constrained:
+        raise ValueError(f"cells={cells!r} restricts grammar-constrained decoding; free decoding writes any text")
     if prompts is None:
         if instructions_dir is None:
             raise ValueError("pass `prompts` ({uid: chat messages}) or `instructions_dir` (the humob-qa instruction "
@@ -896,10 +935,16 @@ def predict_grid(
             budgets.append(cache[m])
     else:
         budgets = [max_new_tokens] * len(prompted)
+    cell_range = (base, base + grid_size - 1)
+    allowed, without_records = None, None
+    if cells == "history":
+        allowed = [history_cells(by_uid[int(uids[i])], cell_range) for i in prompted]
+        without_records = sum(len(a) == 0 for a in allowed)
+        allowed = [a if len(a) else None for a in allowed]
     generated, gen_stats = _generate(
         model, tokenizer, [by_uid[int(uids[i])] for i in prompted], batch_size=batch_size, max_new_tokens=budgets,
-        progress=progress, asked=[asked[i] for i in prompted] if constrained else None,
-        cell_range=(base, base + grid_size - 1),
+        progress=progress, asked=[asked[i] for i in prompted] if constrained else None, cell_range=cell_range,
+        cells=allowed,
     )
     answers: list[str | None] = [None] * len(uids)
     for i, answer in zip(prompted, generated):
@@ -950,6 +995,8 @@ def predict_grid(
         "batch_size": int(batch_size),
         "decoding": "constrained" if constrained else "free",
         "grammar_overrides": int(gen_stats["overrides"].sum()) if constrained else None,
+        "cells": cells,
+        "prompts_without_records": without_records,
         "prompt_tokens": int(gen_stats["prompt_tokens"]),
         "tokens_generated": int(gen_stats["tokens"]),
         "generation_seconds": round(seconds, 3),

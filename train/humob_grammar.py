@@ -7,7 +7,8 @@ in `lo..hi` without leading zeros); [`HumobAnswerLogitsProcessor`] makes greedy 
 each row takes its highest-scoring token whose text keeps the answer on the grammar (the model's own top token almost
 always: it writes the scaffold the way it learnt to tokenise it), and an end-of-sequence token once the answer is
 complete. The model still chooses every cell; it can no longer skip, repeat or invent slots, write a cell off the grid
-or stop early, so every asked slot is answered by the model (unless the token budget runs out first).
+or stop early, so every asked slot is answered by the model (unless the token budget runs out first). With `cells`,
+the model chooses among those cells only (e.g. the cells of the person's records in the prompt).
 
 ```python
 from transformers import LogitsProcessorList
@@ -40,9 +41,10 @@ class AnswerGrammar:
     """The compact JSON answer to one prompt, as a character automaton.
 
     The answer is `{"prediction":[` + `[d,t,X,Y]` per asked slot joined by `,` + `]}`, where `d, t` are the asked
-    values (fixed text) and `X, Y` integer fields in `lo..hi`. A state is `(segment, position, digits)`: the index of
-    the current segment (fixed text or a number field), the position inside fixed text, and the digits written so far
-    in a number field. States are plain tuples, so a caller can keep one per sequence.
+    values (fixed text) and `X, Y` integer fields in `lo..hi`. A state is `(segment, position, digits, x)`: the index
+    of the current segment (fixed text or a number field), the position inside fixed text, the digits written so far
+    in a number field, and the `X` of the current slot once written. States are plain tuples, so a caller can keep one
+    per sequence.
 
     Every token a decoder takes writes at least one character, so an answer takes at most `max_length` tokens
     (the length of the longest answer, every cell with the most digits) plus the end-of-sequence token.
@@ -51,12 +53,15 @@ class AnswerGrammar:
         asked (`array-like` of shape `(m, 2)`): the asked (d, t), in the asked order; at least one.
         lo (`int`): the smallest cell number (the grid's coordinate base).
         hi (`int`): the largest cell number.
+        cells (`array-like` of shape `(k, 2)`, *optional*): the only `(X, Y)` cells an answer may hold (each slot
+            one of them); default: every cell of `lo..hi` x `lo..hi`.
 
     Raises:
-        `ValueError`: on an empty or malformed `asked`, negative values or `lo > hi`.
+        `ValueError`: on an empty or malformed `asked` or `cells`, negative values, `lo > hi` or a cell outside
+        `lo..hi`.
     """
 
-    def __init__(self, asked: Any, lo: int, hi: int):
+    def __init__(self, asked: Any, lo: int, hi: int, cells: Any = None):
         asked = np.asarray(asked, dtype=np.int64)
         if asked.ndim != 2 or asked.shape[1] != 2 or len(asked) == 0:
             raise ValueError(f"asked must be an (m, 2) array of (d, t) with m >= 1, got shape {asked.shape}")
@@ -72,12 +77,30 @@ class AnswerGrammar:
             segments += [('{"prediction":[[' if k == 0 else "],[") + f"{d},{t},", None, ",", None]
         segments.append("]]}")
         self.segments = segments
-        self.start = (0, 0, "")
+        self.start = (0, 0, "", "")
+        self.cells: tuple[tuple[int, int], ...] | None = None
+        if cells is not None:
+            cells = np.asarray(cells, dtype=np.int64)
+            if cells.ndim != 2 or cells.shape[1] != 2 or len(cells) == 0:
+                raise ValueError(f"cells must be a (k, 2) array of (x, y) with k >= 1, got shape {cells.shape}")
+            outside = ((cells < lo) | (cells > hi)).any(axis=1)
+            if outside.any():
+                raise ValueError(f"cells must lie in {lo}..{hi}, got {cells[outside][0].tolist()}")
+            self.cells = tuple(sorted(set(map(tuple, cells.tolist()))))
+            ys: dict[str, set[str]] = {}
+            for x, y in self.cells:
+                ys.setdefault(str(x), set()).add(str(y))
+            self._y_done = ys
+            self._x_prefix = {x[:k] for x in ys for k in range(1, len(x) + 1)}
+            self._y_prefix = {x: {y[:k] for y in v for k in range(1, len(y) + 1)} for x, v in ys.items()}
         # the longest answer: every cell with the most digits
         self.max_length = sum(len(seg) for seg in segments if seg is not None) + 2 * len(asked) * self.max_digits
 
-    def _viable(self, digits: str) -> bool:
-        """Whether a digit prefix can still become a cell number in `lo..hi` (no leading zeros)."""
+    def _viable(self, digits: str, seg: int, x: str) -> bool:
+        """Whether a digit prefix can still become the number of field `seg` (`X` when `seg % 4 == 1`, else `Y` of
+        the cell whose `X` is `x`): in `lo..hi` without leading zeros, and with `cells`, the start of an allowed one."""
+        if self.cells is not None:
+            return digits in (self._x_prefix if seg % 4 == 1 else self._y_prefix.get(x, ()))
         if len(digits) > self.max_digits or (len(digits) > 1 and digits[0] == "0"):
             return False
         if digits == "0":
@@ -91,9 +114,15 @@ class AnswerGrammar:
                 return True
         return False
 
-    def advance(self, state: tuple[int, int, str], text: str) -> tuple[int, int, str] | None:
+    def _complete(self, digits: str, seg: int, x: str) -> bool:
+        """Whether `digits` is a whole number that field `seg` may hold."""
+        if self.cells is not None:
+            return digits in self._y_done if seg % 4 == 1 else digits in self._y_done.get(x, ())
+        return bool(digits) and self.lo <= int(digits) <= self.hi
+
+    def advance(self, state: tuple[int, int, str, str], text: str) -> tuple[int, int, str, str] | None:
         """The state after writing `text` from `state`, or `None` if `text` leaves the grammar."""
-        seg, pos, digits = state
+        seg, pos, digits, x = state
         segments = self.segments
         for ch in text:
             if seg >= len(segments):
@@ -108,21 +137,23 @@ class AnswerGrammar:
                 continue
             if ch in _DIGITS:
                 digits += ch
-                if not self._viable(digits):
+                if not self._viable(digits, seg, x):
                     return None
                 continue
             # a number field ends at the first character of the fixed text that follows it
-            if not digits or not self.lo <= int(digits) <= self.hi:
+            if not self._complete(digits, seg, x):
                 return None
             nxt = segments[seg + 1]
             if ch != nxt[0]:
                 return None
+            if seg % 4 == 1:  # the X of this slot: its Y follows
+                x = digits
             seg, pos, digits = seg + 1, 1, ""
             if pos == len(nxt):
                 seg, pos = seg + 1, 0
-        return seg, pos, digits
+        return seg, pos, digits, x
 
-    def is_complete(self, state: tuple[int, int, str]) -> bool:
+    def is_complete(self, state: tuple[int, int, str, str]) -> bool:
         """Whether the answer is complete in `state` (only an end-of-sequence token may follow)."""
         return state[0] >= len(self.segments)
 
@@ -170,14 +201,15 @@ class TokenTexts:
             self._longest = max((len(texts[i]) for i in keep), default=0)
         return self._alphabet_ids
 
-    def valid_ids(self, grammar: AnswerGrammar, state: tuple[int, int, str]) -> np.ndarray:
+    def valid_ids(self, grammar: AnswerGrammar, state: tuple[int, int, str, str]) -> np.ndarray:
         """Ids of the alphabet tokens whose text keeps `grammar` on track from `state`, cached: a token of at most
-        `n` characters crosses at most `n` segments, so the answer is the same wherever the next `n + 1` segments,
-        the position in the current one and the digits written so far are the same (e.g. the same asked (d, t) in
-        another user's answer)."""
+        `n` characters crosses at most `n` segments, so the answer is the same wherever the next `n + 1` segments
+        (and which number field comes first), the position in the current one, the digits written so far, the slot's
+        `X` and the allowed cells are the same (e.g. the same asked (d, t) in another user's answer)."""
         ids = self.alphabet()
-        seg, pos, digits = state
-        key = (grammar.lo, grammar.hi, tuple(grammar.segments[seg:seg + self._longest + 1]), pos, digits)
+        seg, pos, digits, x = state
+        key = (grammar.lo, grammar.hi, grammar.cells, seg % 4, tuple(grammar.segments[seg:seg + self._longest + 1]),
+               pos, digits, x)
         valid = self._valid.get(key)
         if valid is None:
             valid = np.asarray([i for i in ids.tolist() if grammar.advance(state, self.text(i)) is not None],
@@ -208,20 +240,26 @@ class HumobAnswerLogitsProcessor(LogitsProcessor):
         top_k (`int`, *optional*, defaults to 32): candidates read per row before falling back to the vocabulary.
         token_texts ([`TokenTexts`], *optional*): a token-text cache of the same tokenizer to share between the
             processors of several batches (the vocabulary is then decoded once per run, not once per batch).
+        cells (`Sequence`, *optional*): per row, a `(k, 2)` array of the only cells its answer may hold, or `None`
+            for every cell of `cell_range` (see [`AnswerGrammar`]).
     """
 
     def __init__(self, tokenizer, asked: Sequence[Any], cell_range: tuple[int, int], eos_token_id, top_k: int = 32,
-                 token_texts: TokenTexts | None = None):
+                 token_texts: TokenTexts | None = None, cells: Sequence[Any] | None = None):
         eos = [int(eos_token_id)] if isinstance(eos_token_id, (int, np.integer)) else [int(e) for e in eos_token_id]
         if not eos:
             raise ValueError("eos_token_id must name at least one token")
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
         self.texts = token_texts if token_texts is not None else TokenTexts(tokenizer)
-        self.grammars = [AnswerGrammar(a, *cell_range) for a in asked]
+        asked = list(asked)
+        cells = [None] * len(asked) if cells is None else list(cells)
+        if len(cells) != len(asked):
+            raise ValueError(f"cells has {len(cells)} entries for {len(asked)} rows: give one per row (None: the grid)")
+        self.grammars = [AnswerGrammar(a, *cell_range, cells=c) for a, c in zip(asked, cells)]
         self.eos = eos
         self.top_k = int(top_k)
-        self.states: list[tuple[int, int, str] | None] = [g.start for g in self.grammars]
+        self.states: list[tuple[int, int, str, str] | None] = [g.start for g in self.grammars]
         self.overrides = np.zeros(len(self.grammars), dtype=np.int64)
         self._finished = np.zeros(len(self.grammars), dtype=bool)
         self._started = False

@@ -84,6 +84,7 @@ def predict_llamamob_run(
     batch_size: int = 16,
     max_users: int | None = None,
     constrained: bool = True,
+    cells: str = "grid",
     progress: bool = True,
 ):
     """Answer the `split` prompts of the run's instruction dataset with its model and fill every asked slot.
@@ -97,6 +98,8 @@ def predict_llamamob_run(
         max_users: only the first users of the split (quick looks).
         constrained: grammar-constrained decoding (default; the model writes only the cells of the asked slots);
             `False` decodes freely as the paper does (see [`train.humob.predict_grid`]).
+        cells: which cells a constrained answer may hold: `"grid"` or `"history"` (the cells of the user's records in
+            its prompt; see [`train.humob.predict_grid`]).
         progress: show a progress bar over the batches.
 
     Returns:
@@ -110,7 +113,8 @@ def predict_llamamob_run(
     out_csv = Path(out_csv) if out_csv is not None else run / f"predictions_{split}.csv"
     predictions, report = predict_grid(
         model, tokenizer, data_dir, split=split, instructions_dir=_instructions_dir(run, info),
-        batch_size=batch_size, max_users=max_users, constrained=constrained, progress=progress, out_csv=out_csv,
+        batch_size=batch_size, max_users=max_users, constrained=constrained, cells=cells, progress=progress,
+        out_csv=out_csv,
         on_missing_prompt="fallback",  # users the builder dropped (over the token budget) get the baseline, counted
     )
     report = {**report, "run": str(run), "predictions": str(out_csv)}
@@ -126,6 +130,7 @@ def evaluate_llamamob_run(
     predictions: str | os.PathLike | None = None,
     batch_size: int = 16,
     constrained: bool = True,
+    cells: str = "grid",
     progress: bool = True,
 ) -> dict:
     """GEO-BLEU (N = 5 and 3) and DTW of a run's predictions on `split`, with the slot-mode baseline beside them.
@@ -139,7 +144,7 @@ def evaluate_llamamob_run(
     prediction_report = None
     if predictions is None:
         frame, prediction_report = predict_llamamob_run(run, data_dir, split=split, batch_size=batch_size,
-                                                        constrained=constrained, progress=progress)
+                                                        constrained=constrained, cells=cells, progress=progress)
         source = frame
     else:
         source = Path(predictions)
