@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 _ALPHABET = frozenset('0123456789,[]{}":prediction')  # every character the compact answer can hold
 _DIGITS = frozenset("0123456789")
+_DEEPER = 1024  # candidates read in score order before scanning every token of the answer's alphabet
 
 
 class AnswerGrammar:
@@ -276,6 +277,17 @@ class HumobAnswerLogitsProcessor(LogitsProcessor):
             if text and grammar.advance(state, text) is not None:
                 if rank:
                     self.overrides[row] += 1
+                return tid
+        # the next candidates in score order: the first on the grammar is the best-scoring valid token (cells limited
+        # to a person's records leave many states where the top few all fail; this avoids decoding the vocabulary)
+        deeper = row_scores.topk(min(_DEEPER, row_scores.shape[-1])).indices.cpu().numpy()
+        tried = set(top_ids.tolist())
+        for tid in deeper.tolist():
+            if tid in tried or tid in self.eos:
+                continue
+            text = self.texts.text(tid)
+            if text and grammar.advance(state, text) is not None:
+                self.overrides[row] += 1
                 return tid
         valid_ids = self.texts.valid_ids(grammar, state)
         if len(valid_ids) == 0:
