@@ -24,7 +24,8 @@ whatever the weights.
 2. Prediction speed on the demo-horizon prompts of the first `--users` test users (in the split's order): `predict_grid`
    itself (the path of `mobility predict`: prompts rendered with the chat template, batches of similar answer and
    prompt lengths, left padding, greedy decoding to EOS, parsing, filling) with grammar-constrained decoding (the
-   default) for each `--batch-sizes` value (1 = batching off), and once with free decoding at the default batch size
+   default) for each `--batch-sizes` value (1 = batching off), once with `cells="history"` (each answer's cells
+   limited to the user's records in its prompt) and once with free decoding at the default batch size
    for reference (a weak model's free answers stop early or run to the budget, so their time says little about the
    decoder). Seconds are the report's `generation_seconds` (rendering, tokenising and generating); users/s is users
    over that; best of `--repeats`, after one warm-up call on two users. The last line says whether batching is at least 3x faster
@@ -174,28 +175,30 @@ def bench_generation(args, model, tokenizer, data_dir: Path, qa: Path, batch_siz
     prompts = dict(zip(chosen, (by_uid[u] for u in chosen)))
     prompt_tokens = np.array([len(x) for x in render_ids(tokenizer, list(prompts.values()))])
 
-    def predict(batch_size: int, constrained: bool = True, users: int | None = None) -> dict:
+    def predict(batch_size: int, constrained: bool = True, users: int | None = None, cells: str = "grid") -> dict:
         _, report = predict_grid(model, tokenizer, data, split="test", prompts=prompts, batch_size=batch_size,
                                  max_users=users or args.users or None, on_missing_prompt="fallback",
-                                 constrained=constrained,
-                                 progress=False)
+                                 constrained=constrained, cells=cells, progress=False)
         return report
 
     predict(1, users=2)  # warm-up (first-call allocations, the grammar's token texts)
     rows, per_user, answers = [], {}, {}
-    modes = [(bs, True) for bs in batch_sizes] + [(DEFAULT_BATCH, False)]
-    for bs, constrained in modes:
+    modes = [(bs, True, "grid") for bs in batch_sizes] + [(DEFAULT_BATCH, True, "history"),
+                                                           (DEFAULT_BATCH, False, "grid")]
+    for bs, constrained, cells in modes:
         best = None
         for _ in range(args.repeats):
-            report = predict(bs, constrained)
+            report = predict(bs, constrained, cells=cells)
             if best is None or report["generation_seconds"] < best["generation_seconds"]:
                 best = report
         seconds = best["generation_seconds"]
-        if constrained:
+        grid = constrained and cells == "grid"
+        if grid:
             per_user[bs] = len(prompts) / seconds
             answers[bs] = best["tokens_generated"]
-        mode = "constrained" + (" (batching off)" if bs == 1 else "") if constrained else "free (the paper's decoding)"
-        speedup = (f"{per_user[bs] / per_user[1]:.2f}x" if constrained and batch_sizes[0] == 1 else "-")
+        mode = ("constrained" + (" (batching off)" if bs == 1 else "") if grid else
+                "constrained, --cells history" if constrained else "free (the paper's decoding)")
+        speedup = (f"{len(prompts) / seconds / per_user[1]:.2f}x" if constrained and batch_sizes[0] == 1 else "-")
         rows.append([mode, f"{bs}", f"{len(prompts)}", f"{best['tokens_generated']:,}", f"{seconds:.1f}",
                      f"{best['tokens_generated'] / seconds:,.0f}", f"{len(prompts) / seconds:.2f}", speedup,
                      f"{best['answered']:,} / {best['asked_slots']:,}", f"{best['stopped_at_limit']}"])
