@@ -85,6 +85,8 @@ def test_predict_answers_every_asked_slot_once_and_evaluate_scores_it(trained, c
     assert json.loads((run / "prediction_report_test.json").read_text())["cells"] == "history"
     assert main(["-q", "predict", str(run), "--data", str(data), "--cells", "history", "--free-decoding"]) == 2
     assert "free decoding writes any text" in capsys.readouterr().err
+    assert main(["-q", "evaluate", str(run), "--data", str(data), "--predictions", str(out), "--cells", "history"]) == 2
+    assert "--cells applies when a Llama-3-8B-Mob run predicts" in capsys.readouterr().err
 
     assert main(["-q", "evaluate", str(run), "--data", str(data), "--predictions", str(out)]) == 0
     printed = capsys.readouterr().out

@@ -606,6 +606,8 @@ def _evaluate(args) -> None:
     if args.predictions is not None and method != "llamamob-sft":
         raise ValueError("--predictions needs the run folder of a Llama-3-8B-Mob run (`mobility train sft` on "
                          "humob-qa rows)")
+    if args.cells != "grid" and (method != "llamamob-sft" or args.predictions is not None):
+        raise ValueError("--cells applies when a Llama-3-8B-Mob run predicts: give its RUN_DIR without --predictions")
     if method == "llamamob-sft":
         from .llamamob import evaluate_llamamob_run
 
