@@ -460,6 +460,29 @@ def test_predict_grid_history_cells_answers_only_with_the_prompt_cells(grid_dir,
                         cells=[None] * len(short))
 
 
+def test_valid_ids_cache_keeps_cells_and_the_slot_x_apart(tokenizer):
+    from train.humob_grammar import AnswerGrammar, TokenTexts
+
+    texts = TokenTexts(tokenizer)
+    asked = [[8, 10], [8, 11]]
+
+    def valid(g, state):
+        ids = texts.valid_ids(g, state).tolist()
+        assert ids == [i for i in texts.alphabet().tolist() if g.advance(state, texts.text(i)) is not None] and ids
+        return ids
+
+    head = '{"prediction":[[8,10,'
+    a = AnswerGrammar(asked, 1, 200, cells=[[12, 34], [56, 78]])
+    b = AnswerGrammar(asked, 1, 200, cells=[[90, 11]])
+    assert valid(a, a.advance(a.start, head)) != valid(b, b.advance(b.start, head))  # other cells, other tokens
+    assert valid(a, a.advance(a.start, head + "12,")) != valid(a, a.advance(a.start, head + "56,"))  # Y after its X
+    # on the whole grid the Y field allows the same tokens after any X: one cache entry serves both
+    g = AnswerGrammar(asked, 1, 200)
+    first = valid(g, g.advance(g.start, head + "12,"))
+    size = len(texts._valid)
+    assert valid(g, g.advance(g.start, head + "56,")) == first and len(texts._valid) == size
+
+
 def test_predict_grid_fills_from_slot_mode_when_the_model_says_nothing(grid_dir, tokenizer, prompts):
     from dataset_builders.publish import load_prepared
     from train.baselines import slot_mode_predictions

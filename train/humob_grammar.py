@@ -204,13 +204,15 @@ class TokenTexts:
 
     def valid_ids(self, grammar: AnswerGrammar, state: tuple[int, int, str, str]) -> np.ndarray:
         """Ids of the alphabet tokens whose text keeps `grammar` on track from `state`, cached: a token of at most
-        `n` characters crosses at most `n` segments, so the answer is the same wherever the next `n + 1` segments
-        (and which number field comes first), the position in the current one, the digits written so far, the slot's
-        `X` and the allowed cells are the same (e.g. the same asked (d, t) in another user's answer)."""
+        `n` characters crosses at most `n` segments, so the answer is the same wherever the next `n + 1` segments,
+        the position in the current one, the digits written so far and the allowed cells are the same (with `cells`:
+        also which number field comes first and the slot's `X`), e.g. the same asked (d, t) in another user's
+        answer."""
         ids = self.alphabet()
         seg, pos, digits, x = state
-        key = (grammar.lo, grammar.hi, grammar.cells, seg % 4, tuple(grammar.segments[seg:seg + self._longest + 1]),
-               pos, digits, x)
+        limited = grammar.cells is not None  # only then do X and Y fields differ, and Y depend on the slot's X
+        key = (grammar.lo, grammar.hi, grammar.cells, seg % 4 if limited else 0,
+               tuple(grammar.segments[seg:seg + self._longest + 1]), pos, digits, x if limited else "")
         valid = self._valid.get(key)
         if valid is None:
             valid = np.asarray([i for i in ids.tolist() if grammar.advance(state, self.text(i)) is not None],
