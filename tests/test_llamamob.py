@@ -73,6 +73,9 @@ def test_predict_answers_every_asked_slot_once_and_evaluate_scores_it(trained, c
     assert report["decoding"] == "constrained" and report["answered"] == report["asked_slots"] == len(asked)
     assert report["filled"] == report["not_asked"] == report["out_of_grid"] == report["stopped_at_limit"] == 0
     assert report["cells"] == "grid"
+    from train import cli, humob
+
+    assert cli.CELL_CHOICES == humob.CELL_CHOICES  # the parser's copy (it builds without importing humob)
     # --cells history: every predicted cell is one of the user's records in the prompt (the last input days)
     seen = trained / "pred_seen.csv"
     assert main(["-q", "predict", str(run), "--data", str(data), "--out", str(seen), "--cells", "history"]) == 0

@@ -32,6 +32,7 @@ __all__ = ["build_parser", "main"]
 logger = logging.getLogger("mobility")
 
 EXIT_BAD_INPUT = 2
+CELL_CHOICES = ("grid", "history")  # train.humob.CELL_CHOICES, without importing torch at parser build
 CELLS_HELP = ("which cells a constrained answer may hold: grid (default, any cell of the grid) or history (only the "
               "cells of the user's records in its prompt: a prior for models that read their history poorly; a prompt "
               "without records keeps the grid)")
@@ -287,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "transfer to another city)")
     ev.add_argument("--free-decoding", action="store_true",
                     help="with a Llama-3-8B-Mob RUN_DIR: decode freely as the paper does (default: grammar-constrained)")
-    ev.add_argument("--cells", choices=("grid", "history"), default="grid",
+    ev.add_argument("--cells", choices=CELL_CHOICES, default="grid",
                     help="with a Llama-3-8B-Mob RUN_DIR: " + CELLS_HELP)
     ev.add_argument("--slice-by", action="append", default=None, metavar="COLUMN",
                     help="check-ins: also report the metrics per value of this column of the target check-in (e.g. "
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--free-decoding", action="store_true",
                     help="decode freely as the paper does (default: grammar-constrained, the model writes only the "
                     "cells of the asked slots, in order, on the grid)")
-    pr.add_argument("--cells", choices=("grid", "history"), default="grid", help=CELLS_HELP)
+    pr.add_argument("--cells", choices=CELL_CHOICES, default="grid", help=CELLS_HELP)
 
     push = sub.add_parser(
         "push",

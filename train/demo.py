@@ -333,20 +333,22 @@ ORACLE_ROW = "habit oracle"
 HISTORY_ROW = "llamamob (history cells)"  # the demo model decoding with cells="history"
 
 
-def _target_in_window(data: Path, split: str = "test") -> float:
-    """The share of the `split` targets whose cell is among the person's records of the demo's input window (what
-    `cells="history"` lets the model write)."""
+def _target_in_prompt(data: Path, qa: Path, split: str = "test") -> float:
+    """The share of the `split` targets whose cell is among the records of the person's prompt ([`history_cells`],
+    what `cells="history"` lets the model write)."""
     from dataset_builders.publish import load_prepared
 
-    from .baselines import explode_grid_samples
+    from .evaluate import grid_targets
+    from .humob import _load_instruction_prompts, history_cells
 
-    samples = load_prepared(data).table("samples", split)
-    records = explode_grid_samples(samples, "input")
-    records = records[(records["d"] >= LLAMAMOB_INPUT_DAYS[0]) & (records["d"] <= LLAMAMOB_INPUT_DAYS[1])]
-    targets = explode_grid_samples(samples, "target")
-    seen = targets.merge(records[["uid", "x", "y"]].drop_duplicates(), on=["uid", "x", "y"], how="left",
-                         indicator=True)
-    return float((seen["_merge"] == "both").mean()) if len(seen) else 0.0
+    prepared = load_prepared(data)
+    base = int(prepared.metadata.get("coordinate_base", 1))
+    cell_range = (base, base + int(prepared.metadata.get("grid_size") or 200) - 1)
+    prompts = _load_instruction_prompts(qa, split)
+    seen = {(uid, x, y) for uid, prompt in prompts.items() for x, y in history_cells(prompt, cell_range).tolist()}
+    targets = grid_targets(prepared, split)
+    hits = [(int(u), int(x), int(y)) in seen for u, x, y in zip(targets["uid"], targets["x"], targets["y"])]
+    return float(np.mean(hits)) if hits else 0.0
 
 
 def habit_oracle(grid_csv: str | os.PathLike, data: str | os.PathLike, synthetic: dict, *, split: str = "test",
@@ -469,7 +471,7 @@ def run_llamamob_demo(
     first = next(iter(report["results"]))
     history = evaluate_grid_predictions(frame, data, split="test", name=HISTORY_ROW)["results"][HISTORY_ROW]
     history["answered"], history["asked_slots"] = pred["answered"], pred["asked_slots"]
-    history["target_in_prompt"] = _target_in_window(data)
+    history["target_in_prompt"] = _target_in_prompt(data, qa)
     report["results"] = {first: report["results"][first], HISTORY_ROW: history,
                          **{k: v for k, v in report["results"].items() if k != first}}
     seconds["prediction with history cells"] = time.time() - t0
