@@ -161,3 +161,23 @@ def test_headerless_files_like_foursquare_tist2015(tmp_path, capsys):
     assert first["timestamp"] == int(start.timestamp()) and first["tz_offset_min"] == -240
     locs = load_dataset(str(tmp_path / "data"), "locations")["train"].to_pandas()
     assert set(locs["category"]) == {"Cafe"} and "4" in locs.columns  # unmapped columns kept by position
+
+
+def test_quiet_silences_library_progress_bars_and_restores_them():
+    import datasets
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    from train.cli import _library_progress_bars
+
+    def state():
+        return (hub_utils.are_progress_bars_disabled(), datasets.are_progress_bars_disabled(),
+                hf_logging.is_progress_bar_enabled())
+
+    if state() != (False, False, True):
+        pytest.skip("the environment disables the libraries' progress bars (HF_HUB_DISABLE_PROGRESS_BARS?)")
+    with _library_progress_bars(False):
+        assert state() == (True, True, False)
+    assert state() == (False, False, True)
+    with _library_progress_bars(True):  # without -q nothing changes
+        assert state() == (False, False, True)

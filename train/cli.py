@@ -22,6 +22,7 @@ Errors in the input go to stderr with exit code 2, never a bare traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -246,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="humob-qa: re-split users by uid, e.g. train=0-79999,validation=80000-89999,test=90000-99999")
     ins.add_argument("--windows-per-user", type=int, default=1,
                      help="humob-qa: training rows per user, earlier windows of the same length (default 1)")
+    ins.add_argument("--shifted-copies", type=int, default=0,
+                     help="humob-qa: K extra copies of every training row with all its cells moved by one random "
+                     "offset on the grid (default 0): augmentation for a model trained from scratch, so that it reads "
+                     "the cells of its prompt rather than learning the training users' places; seeded by --seed")
     ins.add_argument("--out", required=True, type=Path, help="output dataset folder")
     ins.add_argument("--format", dest="fmt", choices=["prompt_completion", "chat"], default="prompt_completion",
                      help="TRL prompt-completion strings (default) or conversational messages")
@@ -253,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--location-format", choices=["semantic", "id"], default="semantic",
                      help="semantic: the tokenizer's code tokens (<a_3><b_17>...; default); id: QT-Mob's ablation, one "
                      "plain <loc_N> token per location of the same tokenizer")
-    ins.add_argument("--seed", type=int, default=0, help="seed of templates and recovery masks (default 0)")
+    ins.add_argument("--seed", type=int, default=0,
+                     help="seed of templates and recovery masks (QT-Mob) and of the shifted copies (humob-qa; default 0)")
 
     ev = sub.add_parser(
         "evaluate",
@@ -504,7 +510,8 @@ def _humob_instructions(args) -> None:
 
     config = HumobQAConfig(input_days=args.input_days, predict_days=args.predict_days,
                            max_input_tokens=args.max_input_tokens, tokenizer=args.tokenizer,
-                           user_ranges=args.user_ranges, windows_per_user=args.windows_per_user, seed=args.seed)
+                           user_ranges=args.user_ranges, windows_per_user=args.windows_per_user,
+                           shifted_copies=args.shifted_copies, seed=args.seed)
     summary = build_humob_qa(args.data, args.out, config, progress=not args.quiet)
     print("Row account:\n")
     print(RowAccount.from_dict(summary["row_account"]).to_markdown())
@@ -735,6 +742,42 @@ def _demo(args) -> None:
 RECIPE_COMMANDS = ("sft", "calliper", "mhsa", "nextlocmoe", "m3ob")
 
 
+@contextlib.contextmanager
+def _library_progress_bars(enabled: bool):
+    """Under ``-q`` (``enabled`` False), silence the progress bars the libraries draw themselves for the command
+    (transformers' "Loading weights", datasets' "Generating ... split"); the state before is restored afterwards."""
+    if enabled:
+        yield
+        return
+    import datasets
+    from huggingface_hub import utils as hub_utils
+
+    hub_was = hub_utils.are_progress_bars_disabled()
+    datasets_was = datasets.are_progress_bars_disabled()
+    transformers_was = None
+    if "transformers" in sys.modules:  # imported before: its switch was read from huggingface_hub at import time
+        from transformers.utils import logging as hf_logging
+
+        transformers_was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()  # transformers imported from now on starts with its bars off
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not hub_was:
+            hub_utils.enable_progress_bars()
+        if not datasets_was:
+            datasets.enable_progress_bars()
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            if transformers_was is None:
+                transformers_was = not hub_was
+            if transformers_was:
+                hf_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -755,29 +798,35 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"synth": _synth, "prepare": _prepare, "grid-visits": _grid_visits, "instructions": _instructions,
                 "kg": _data_kg}
     try:
-        if args.command == "data":
-            handlers[args.data_command](args)
-        elif args.command == "train":
-            {"location-tokenizer": _train_location_tokenizer, "sft": _train_sft, "calliper": _train_calliper,
-             "mhsa": _train_mhsa, "nextlocmoe": _train_nextlocmoe, "m3ob": _train_m3ob}[args.train_command](args)
-        elif args.command == "evaluate":
-            _evaluate(args)
-        elif args.command == "predict":
-            _predict(args)
-        elif args.command == "push":
-            from .push import push_cli
-
-            push_cli(args.run_dir, args.repo_id, private=args.private, dataset_repo_id=args.dataset_repo_id)
-        elif args.command == "models":
-            _models(args)
-        elif args.command == "demo":
-            _demo(args)
+        with _library_progress_bars(not args.quiet):
+            return _dispatch(args, handlers)
     except (DataValidationError, ValueError, OSError) as err:  # bad input, missing or unwritable files
         print(f"mobility: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("mobility: interrupted", file=sys.stderr)
         return 130
+
+
+def _dispatch(args: argparse.Namespace, handlers: dict) -> int:
+    """Run the parsed command."""
+    if args.command == "data":
+        handlers[args.data_command](args)
+    elif args.command == "train":
+        {"location-tokenizer": _train_location_tokenizer, "sft": _train_sft, "calliper": _train_calliper,
+         "mhsa": _train_mhsa, "nextlocmoe": _train_nextlocmoe, "m3ob": _train_m3ob}[args.train_command](args)
+    elif args.command == "evaluate":
+        _evaluate(args)
+    elif args.command == "predict":
+        _predict(args)
+    elif args.command == "push":
+        from .push import push_cli
+
+        push_cli(args.run_dir, args.repo_id, private=args.private, dataset_repo_id=args.dataset_repo_id)
+    elif args.command == "models":
+        _models(args)
+    elif args.command == "demo":
+        _demo(args)
     return 0
 
 
