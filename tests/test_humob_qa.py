@@ -152,8 +152,8 @@ def test_rows_round_trip_to_the_prepared_samples(grid, built, records):
     ds = load_dataset(str(out), HUMOB_QA_CONFIG)
     assert set(ds) == {"train", "validation", "test", "hidden"}
     assert {s: ds[s].num_rows for s in ds} == {"train": 7, "validation": 1, "test": 1, "hidden": 1} == summary["rows"]
-    assert ds["train"].column_names == ["uid", "window", "messages", "prompt", "completion", "num_input_rows",
-                                        "num_asked", "input_days_dropped"]
+    assert ds["train"].column_names == ["uid", "window", "copy", "shift_x", "shift_y", "messages", "prompt",
+                                        "completion", "num_input_rows", "num_asked", "input_days_dropped"]
     system = system_prompt(50, 1, 48, 0)
     for split in ("train", "validation", "test"):
         samples = grid.samples[split].to_pandas().set_index("uid")
@@ -297,6 +297,66 @@ def test_windows_stop_at_the_first_day_and_skip_empty_windows(grid, tmp_path):
     assert summary["dropped"] == {"window_without_asked_rows": 1, "window_without_input_rows": 1}
 
 
+def test_shifted_copies_move_every_cell_of_a_train_row_by_one_offset_on_the_grid(grid, records, tmp_path):
+    config = HumobQAConfig(input_days=(10, 14), predict_days=(15, 16), windows_per_user=2, shifted_copies=3, seed=5)
+    summary = build_humob_qa(grid, tmp_path / "qa", config, progress=False)
+    ds = load_dataset(str(tmp_path / "qa"), HUMOB_QA_CONFIG)
+    train = ds["train"].to_list()
+    assert len(train) == 7 * 2 * 4 == summary["rows"]["train"]
+    assert summary["shifted_copies"] == {"train": {"per_row": 3, "rows": 7 * 2 * 3}}
+    for split in ("validation", "test", "hidden"):  # only the train split is augmented
+        assert set(ds[split]["copy"]) == {0} and set(ds[split]["shift_x"]) == set(ds[split]["shift_y"]) == {0}
+    originals = {(r["uid"], r["window"]): r for r in train if r["copy"] == 0}
+    assert all(r["shift_x"] == r["shift_y"] == 0 for r in originals.values())
+    shifts = []
+    for row in train:
+        if row["copy"] == 0:
+            continue
+        base = originals[row["uid"], row["window"]]
+        dx, dy = row["shift_x"], row["shift_y"]
+        shifts.append((dx, dy))
+        recs, asked = parse_records(_content(row, "user"))
+        recs0, asked0 = parse_records(_content(base, "user"))
+        np.testing.assert_array_equal(recs, recs0 + np.array([0, 0, dx, dy]))  # d and t unchanged
+        np.testing.assert_array_equal(asked, asked0)
+        answer = np.array(json.loads(_content(row, "assistant"))["prediction"])
+        answer0 = np.array(json.loads(_content(base, "assistant"))["prediction"])
+        np.testing.assert_array_equal(answer, answer0 + np.array([0, 0, dx, dy]))
+        cells = np.concatenate([recs[:, 2:], answer[:, 2:]])
+        assert cells.min() >= 1 and cells.max() <= 50  # the 50 x 50 grid of the fixture
+        assert _content(row, "user").split("\n")[0] == _content(base, "user").split("\n")[0]
+        assert row["messages"][0] == base["messages"][0]
+    assert len(set(shifts)) > len(shifts) // 2  # the offsets are drawn, not one fixed move
+    assert any(dx < 0 for dx, _ in shifts) and any(dx > 0 for dx, _ in shifts)
+    step = next(s for s in summary["row_account"] if "shifted copies" in s["step"])
+    assert step["rows_in"] == step["rows_kept"] == 7 * 2 * 3
+    card = (tmp_path / "qa" / "README.md").read_text()
+    assert "3 shifted copies of every row" in card and "seed 5" in card
+    # the seed fixes the draw
+    build_humob_qa(grid, tmp_path / "again", config, progress=False)
+    assert _rows(tmp_path / "again", "train") == _rows(tmp_path / "qa", "train")
+    other = HumobQAConfig(input_days=(10, 14), predict_days=(15, 16), windows_per_user=2, shifted_copies=3, seed=6)
+    build_humob_qa(grid, tmp_path / "other", other, progress=False)
+    assert _rows(tmp_path / "other", "train") != _rows(tmp_path / "qa", "train")
+
+
+def test_shifted_copies_keep_a_row_that_spans_the_grid_in_place(tmp_path):
+    rows = [(u, d, 10, x, y) for u in range(3) for d in range(6) for x, y in ((1, 2), (5, 5))]
+    rows += [(0, d, 11, 5, 1) for d in range(6)]  # user 0 spans x 1..5 and y 1..5: the whole 5 x 5 grid
+    frame = pd.DataFrame(rows, columns=["uid", "d", "t", "x", "y"]).astype(
+        {"uid": "int64", "d": "int16", "t": "int8", "x": "int16", "y": "int16"})
+    loaded = LoadedGrid(frame, RowAccount(), {"format": "yjmob", "grid_size": 5, "coordinate_base": 1,
+                                              "slots_per_day": 48})
+    prepared = prepare_grid(loaded, GridPreprocessConfig(predict_days=(4, 5), user_fractions=(1.0, 0.0, 0.0)))
+    build_humob_qa(prepared, tmp_path / "qa", HumobQAConfig(shifted_copies=4), progress=False)
+    train = _rows(tmp_path / "qa", "train")
+    assert {(r["shift_x"], r["shift_y"]) for r in train if r["uid"] == 0} == {(0, 0)}
+    others = [r for r in train if r["uid"] != 0 and r["copy"] > 0]
+    assert len(others) == 2 * 4
+    # x spans 1..5: no room to move; y spans 2..5: up by one or not at all
+    assert {r["shift_x"] for r in others} == {0} and {r["shift_y"] for r in others} == {-1, 0}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # token budget
 
@@ -406,6 +466,8 @@ def test_token_budget_without_chat_template_and_from_a_folder(grid, built, token
     ({"user_ranges": {"train": (0, 10), "test": (5, 20)}}, "overlap"),
     ({"user_ranges": "train:0-5"}, "split=FIRST-LAST"),
     ({"seed": -1}, "seed=-1"),
+    ({"shifted_copies": -1}, "shifted_copies=-1"),
+    ({"shifted_copies": 1.5}, "shifted_copies=1.5"),
 ])
 def test_bad_configs_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

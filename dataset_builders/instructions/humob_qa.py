@@ -235,8 +235,16 @@ class HumobQAConfig:
             that ask earlier windows of the same length, sliding back by the window length (the input range slides
             with it, clipped at the first day of the data). Windows without asked or input records are skipped and
             counted.
+        shifted_copies (`int`, *optional*, defaults to 0):
+            Train split only (data augmentation for models trained from scratch): ``shifted_copies`` extra copies of
+            every train row in which all the row's cells, its input records and its answer alike, move by one offset
+            ``(shift_x, shift_y)`` drawn uniformly among those that keep every cell of the row on the grid. A model
+            trained from scratch on a few hundred users otherwise learns the training users' places by heart instead
+            of reading the cells of its prompt; with the copies, reading the prompt is the only way to lower the loss.
+            Keep 0 for a pretrained LLM on a real city, whose absolute positions carry meaning. Measured on the demo
+            city in the README.
         seed (`int`, *optional*, defaults to 0):
-            Recorded in the card; the build itself draws nothing at random and is deterministic.
+            Seeds the draw of the ``shifted_copies`` offsets; the build is deterministic for a given seed.
         batch_size (`int`, *optional*, defaults to 1000):
             Rows per batch of ``Dataset.map``.
         num_proc (`int`, *optional*):
@@ -249,6 +257,7 @@ class HumobQAConfig:
     tokenizer: Any = field(default=None, repr=False)
     user_ranges: dict[str, tuple[int, int]] | None = None
     windows_per_user: int = 1
+    shifted_copies: int = 0
     seed: int = 0
     batch_size: int = 1000
     num_proc: int | None = None
@@ -260,7 +269,7 @@ class HumobQAConfig:
             raise ValueError(f"input_days={self.input_days} overlap or follow predict_days={self.predict_days}; the "
                              "input days must end before the first predicted day")
         self.user_ranges = _user_ranges(self.user_ranges)
-        for name, minimum in (("windows_per_user", 1), ("seed", 0), ("batch_size", 1)):
+        for name, minimum in (("windows_per_user", 1), ("shifted_copies", 0), ("seed", 0), ("batch_size", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
                 raise ValueError(f"{name}={value!r} is not allowed; expected an int >= {minimum}")
@@ -393,6 +402,9 @@ _MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 _OUTPUT_SCHEMA = pa.schema([
     ("uid", pa.int64()),
     ("window", pa.int64()),
+    ("copy", pa.int64()),
+    ("shift_x", pa.int64()),
+    ("shift_y", pa.int64()),
     ("messages", pa.list_(_MESSAGE)),
     ("prompt", pa.list_(_MESSAGE)),
     ("completion", pa.list_(_MESSAGE)),
@@ -447,8 +459,8 @@ def _first_guess(rows, excess, n_days, day_off, day_row, lines_in, ctx) -> np.nd
 def _render_batch(batch: pa.Table, ctx: _Context, answered: bool) -> pa.Table:
     """Render a batch of planned samples into chat rows, dropping the oldest input days of prompts over budget."""
     n = batch.num_rows
-    col = {c: batch.column(c).to_numpy().astype(np.int64) for c in ("uid", "window", "in_lo", "in_hi", "ask_lo",
-                                                                    "ask_hi")}
+    col = {c: batch.column(c).to_numpy().astype(np.int64) for c in ("uid", "window", "copy", "shift_x", "shift_y",
+                                                                    "in_lo", "in_hi", "ask_lo", "ask_hi")}
     in_d, in_len = _flat(batch.column("in_d"))
     in_t, _ = _flat(batch.column("in_t"))
     in_x, _ = _flat(batch.column("in_x"))
@@ -532,6 +544,9 @@ def _render_batch(batch: pa.Table, ctx: _Context, answered: bool) -> pa.Table:
     return pa.table({
         "uid": pa.array(col["uid"]),
         "window": pa.array(col["window"]),
+        "copy": pa.array(col["copy"]),
+        "shift_x": pa.array(col["shift_x"]),
+        "shift_y": pa.array(col["shift_y"]),
         "messages": _messages(roles, contents, n),
         "prompt": _messages(["system", "user"], [system, users], n),
         "completion": _messages(["assistant"], [answers], n) if answered else _messages([], [], n),
@@ -634,6 +649,9 @@ def _plan_chunk(table: pa.Table, days: _Days, windows: int, answered: bool) -> t
     plan = pa.table({
         "uid": pa.array(uid[su[keep]]),
         "window": pa.array(sw[keep]),
+        "copy": pa.array(np.zeros(int(keep.sum()), dtype=np.int64)),
+        "shift_x": pa.array(np.zeros(int(keep.sum()), dtype=np.int64)),
+        "shift_y": pa.array(np.zeros(int(keep.sum()), dtype=np.int64)),
         "in_lo": pa.array(in_lo[keep]),
         "in_hi": pa.array(in_hi[keep]),
         "ask_lo": pa.array(ask_lo[keep]),
@@ -651,6 +669,54 @@ def _plan_chunk(table: pa.Table, days: _Days, windows: int, answered: bool) -> t
         raise ValueError("an answered split asks hidden (999) cells; the prepared dataset mixes hidden targets into "
                          "train/validation/test")
     return plan, counts
+
+
+def _shifted_copies(plan: pa.Table, copies: int, lo: int, hi: int, rng: np.random.Generator) -> pa.Table:
+    """``plan`` followed by ``copies`` copies of each of its rows whose input and asked cells all move by one offset per
+    copy, drawn uniformly among the offsets that keep every cell of the row within ``lo..hi`` (columns ``copy``,
+    ``shift_x``, ``shift_y``). Rows without any cell are copied unmoved."""
+    n = plan.num_rows
+    if copies == 0 or n == 0:
+        return plan
+    parts = [plan]
+    moved = {}
+    for axis in "xy":
+        cells = {}
+        for kind in ("in", "ask"):
+            values, lengths = _flat(plan.column(f"{kind}_{axis}"))
+            cells[kind] = (values.astype(np.int64), lengths)
+        both = np.concatenate([cells["in"][0], cells["ask"][0]])
+        owner = np.concatenate([np.repeat(np.arange(n), cells["in"][1]), np.repeat(np.arange(n), cells["ask"][1])])
+        if np.any(both == HIDDEN_CELL):
+            raise ValueError("shifted_copies needs every cell of a train row known; a train row holds a hidden (999) "
+                             "cell")
+        smallest = np.full(n, hi, dtype=np.int64)
+        largest = np.full(n, lo, dtype=np.int64)
+        np.minimum.at(smallest, owner, both)
+        np.maximum.at(largest, owner, both)
+        has = np.bincount(owner, minlength=n) > 0
+        first = np.where(has, lo - smallest, 0)  # the allowed offsets: first..last (0 is always one of them)
+        last = np.where(has, hi - largest, 0)
+        if np.any(first > 0) or np.any(last < 0):
+            raise ValueError(f"shifted_copies: a train row holds a cell {axis} outside the grid {lo}..{hi}")
+        moved[axis] = (cells, first, last)
+    for copy in range(1, copies + 1):
+        table = plan
+        shifts = {}
+        for axis in "xy":
+            cells, first, last = moved[axis]
+            shift = first + np.floor(rng.random(n) * (last - first + 1)).astype(np.int64)
+            shifts[axis] = shift
+            for kind in ("in", "ask"):
+                values, lengths = cells[kind]
+                column = f"{kind}_{axis}"
+                new = _list((values + np.repeat(shift, lengths)).astype(np.int32), lengths)
+                table = table.set_column(table.schema.get_field_index(column), column, new)
+        for name, values in (("copy", np.full(n, copy, dtype=np.int64)), ("shift_x", shifts["x"]),
+                             ("shift_y", shifts["y"])):
+            table = table.set_column(table.schema.get_field_index(name), name, pa.array(values))
+        parts.append(table)
+    return pa.concat_tables(parts).combine_chunks()
 
 
 def _map(plan: pa.Table, ctx: _Context, answered: bool, config: HumobQAConfig, desc: str) -> pa.Table:
@@ -777,13 +843,16 @@ def build_humob_qa(
 
     Returns:
         `dict`: ``rows`` and ``users`` per split, ``truncation`` per split (samples truncated, input days and rows
-        dropped, samples dropped over budget), ``dropped`` (totals per reason), ``windows``, ``tokens`` (prompt and
+        dropped, samples dropped over budget), ``dropped`` (totals per reason), ``windows``, ``shifted_copies``
+        (copies per row and rows added, per split), ``tokens`` (prompt and
         answer token statistics per split, with a tokenizer), the day ranges, ``seconds``, ``out_dir`` and
         ``row_account``.
 
-    Columns: ``uid``, ``window`` (0 = the real window; train rows of earlier windows count 1, 2, ...), ``messages``
-    (system, user, assistant; no assistant message in the ``hidden`` split), ``prompt`` (system + user), ``completion``
-    (the assistant message; empty for ``hidden``), ``num_input_rows``, ``num_asked``, ``input_days_dropped``.
+    Columns: ``uid``, ``window`` (0 = the real window; train rows of earlier windows count 1, 2, ...), ``copy`` (0 = the
+    row as recorded; 1, 2, ... = its shifted copies), ``shift_x`` and ``shift_y`` (the offset of a copy's cells),
+    ``messages`` (system, user, assistant; no assistant message in the ``hidden`` split), ``prompt`` (system + user),
+    ``completion`` (the assistant message; empty for ``hidden``), ``num_input_rows``, ``num_asked``,
+    ``input_days_dropped``.
 
     Raises:
         ValueError: the dataset is not a grid dataset, or the day ranges do not fit it.
@@ -814,7 +883,9 @@ def build_humob_qa(
     ctx = _Context(system, max_day, counter, config.max_input_tokens)
 
     tables: dict[str, pa.Table] = {}
-    summary: dict[str, Any] = {"rows": {}, "users": {}, "truncation": {}, "windows": {}, "tokens": {}}
+    summary: dict[str, Any] = {"rows": {}, "users": {}, "truncation": {}, "windows": {}, "tokens": {},
+                               "shifted_copies": {}}
+    rng = np.random.default_rng(config.seed)
     was_disabled = datasets.are_progress_bars_disabled()
     if not progress:
         datasets.disable_progress_bars()
@@ -823,11 +894,15 @@ def build_humob_qa(
             answered = split != "hidden"
             windows = config.windows_per_user if split == "train" else 1
             plan, counts = _plan(table, days, windows, answered)
+            copies = config.shifted_copies if split == "train" else 0
+            if copies:
+                plan = _shifted_copies(plan, copies, base, grid_size + base - 1, rng)
             out = _map(plan, ctx, answered, config, split)
             over = out.column("_over_budget").to_numpy(zero_copy_only=False)
             window = out.column("window").to_numpy()
+            copy = out.column("copy").to_numpy()
             kept = out.filter(pa.array(~over)) if over.any() else out
-            real, extra = window == 0, window > 0
+            real, extra, shifted = (window == 0) & (copy == 0), (window > 0) & (copy == 0), copy > 0
             account.add(f"humob-qa {split}: users -> rows asking days {days.predict[0]}-{days.predict[1]}",
                         counts["users"], int((real & ~over).sum()),
                         {"no_asked_rows": counts["real_no_asked_rows"],
@@ -840,6 +915,10 @@ def build_humob_qa(
                              "window_without_input_rows": counts["extra_no_input_rows"],
                              "prompt_over_token_budget": int((extra & over).sum())},
                             {"windows_possible_per_user": counts["extra_windows_possible"]})
+            if copies:
+                account.add(f"humob-qa {split}: shifted copies ({copies} per row, cells moved on the grid)",
+                            int(shifted.sum()), int((shifted & ~over).sum()),
+                            {"prompt_over_token_budget": int((shifted & over).sum())})
             dropped_days = kept.column("input_days_dropped").to_numpy()
             summary["truncation"][split] = {
                 "samples_truncated": int((dropped_days > 0).sum()),
@@ -858,6 +937,8 @@ def build_humob_qa(
             if windows > 1:
                 summary["windows"][split] = {"requested_per_user": windows,
                                              "extra_rows": int((extra & ~over).sum())}
+            if copies:
+                summary["shifted_copies"][split] = {"per_row": copies, "rows": int((shifted & ~over).sum())}
     finally:
         if not progress and not was_disabled:
             datasets.enable_progress_bars()
@@ -879,7 +960,8 @@ def build_humob_qa(
         "coordinate_base": base,
         "slots_per_day": slots,
         "day0_weekday": meta.get("day0_weekday"),
-        **{k: summary[k] for k in ("rows", "users", "truncation", "windows", "tokens", "input_days", "predict_days")},
+        **{k: summary[k] for k in ("rows", "users", "truncation", "windows", "shifted_copies", "tokens", "input_days",
+                                   "predict_days")},
         "row_account": account.to_dict(),
     }
     empty = [split for split, table in tables.items() if table.num_rows == 0]
@@ -925,7 +1007,8 @@ def _card(tables: dict[str, pa.Table], summary: dict, config: HumobQAConfig, sys
         "asked line, in order.",
         "",
         f"Load with `datasets.load_dataset(path, '{HUMOB_QA_CONFIG}')`. Columns: `uid`, `window` (0 = the real window; "
-        "train rows of earlier windows count 1, 2, ...), `messages` (system, user, assistant), `prompt` (system + user "
+        "train rows of earlier windows count 1, 2, ...), `copy` (0 = the row as recorded; 1, 2, ... = shifted copies) "
+        "with its cell offset `shift_x`, `shift_y`, `messages` (system, user, assistant), `prompt` (system + user "
         "messages) and `completion` (the assistant message) as TRL conversational prompt-completion columns, "
         "`num_input_rows`, `num_asked`, `input_days_dropped`. The `hidden` split (users whose targets are unknown) has "
         "no assistant message.",
@@ -933,6 +1016,13 @@ def _card(tables: dict[str, pa.Table], summary: dict, config: HumobQAConfig, sys
         "\n".join(rows),
         "",
     ]
+    if summary["shifted_copies"]:
+        for split, info in summary["shifted_copies"].items():
+            lines += [f"Augmentation: the {split} split holds {info['per_row']} shifted copies of every row "
+                      f"({info['rows']:,} rows): all the cells of a copy, input records and answer alike, move by one "
+                      "random offset that keeps them on the grid, so that a model trained from scratch learns to read "
+                      "the cells of its prompt rather than the training users' places (seed "
+                      f"{config.seed}). Drop them with `.filter(lambda r: r['copy'] == 0)`.", ""]
     if config.max_input_tokens is not None:
         lines += [f"Prompts are capped at {config.max_input_tokens:,} tokens (counted with "
                   f"{summary['prompt_tokens_counted_with']}): the oldest input days are dropped, whole days, until the "
