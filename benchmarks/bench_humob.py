@@ -5,7 +5,8 @@ Data: the default synthetic grid city (`synthesize_grid(seed=--seed)`: 200 users
 read back with the `yjmob` reader, then prepared twice:
 - the paper horizon: `prepare_grid` with predict days 60-74 and `build_humob_qa` asking days 60-74 from input days 0-59;
 - the demo horizon: exactly as `mobility demo` does (`train.demo._prepare_qa_city`: `LLAMAMOB_INPUT_DAYS` in,
-  `LLAMAMOB_PREDICT_DAYS` asked, `LLAMAMOB_WINDOWS` training windows per user, 20% test users).
+  `LLAMAMOB_PREDICT_DAYS` asked, `LLAMAMOB_WINDOWS` training windows per user with `LLAMAMOB_SHIFTED_COPIES`
+  shifted copies each, 20% test users).
 
 The demo model: `--run RUN_DIR` (a run folder of `train/sft.py` on humob-qa rows, e.g. `runs/demo/sft/llamamob`, loaded
 with `train.llamamob._load`), or `--model NAME` (a pretrained causal LM as it is, e.g. the offline
@@ -73,7 +74,13 @@ from dataset_builders.preprocess import GridPreprocessConfig, prepare_grid  # no
 from dataset_builders.publish import load_prepared  # noqa: E402
 from dataset_builders.readers import read_dataset  # noqa: E402
 from dataset_builders.synthetic import synthesize_grid, write_yjmob  # noqa: E402
-from train.demo import LLAMAMOB_INPUT_DAYS, LLAMAMOB_PREDICT_DAYS, LLAMAMOB_RECIPE, LLAMAMOB_WINDOWS  # noqa: E402
+from train.demo import (  # noqa: E402
+    LLAMAMOB_INPUT_DAYS,
+    LLAMAMOB_PREDICT_DAYS,
+    LLAMAMOB_RECIPE,
+    LLAMAMOB_SHIFTED_COPIES,
+    LLAMAMOB_WINDOWS,
+)
 from train.humob import answer_token_budget, predict_grid  # noqa: E402
 
 PAPER_INPUT_DAYS = (0, 59)
@@ -89,7 +96,8 @@ def build_data(root: Path, seed: int = 0) -> dict[str, tuple[Path, Path]]:
 
     csv = write_yjmob(synthesize_grid(seed=seed), root / "raw" / "grid.csv")
     loaded = read_dataset("yjmob", csv)
-    out = {"demo": _prepare_qa_city(loaded, root, "grid_qa", seed, "bench_humob: demo horizon", LLAMAMOB_WINDOWS)}
+    out = {"demo": _prepare_qa_city(loaded, root, "grid_qa", seed, "bench_humob: demo horizon", LLAMAMOB_WINDOWS,
+                                    LLAMAMOB_SHIFTED_COPIES)}
     paper = write_prepared(prepare_grid(loaded, GridPreprocessConfig(predict_days=PAPER_PREDICT_DAYS, seed=seed)),
                            root / "data" / "grid_paper", title="bench_humob: paper horizon")
     build_humob_qa(paper, root / "humob_qa_paper", HumobQAConfig(input_days=PAPER_INPUT_DAYS,
@@ -100,13 +108,13 @@ def build_data(root: Path, seed: int = 0) -> dict[str, tuple[Path, Path]]:
 
 
 def load_rows(qa: Path, split: str | None = None) -> list[dict]:
-    """The real-window (window 0) rows of a humob-qa folder: one split, or all splits in order."""
+    """The real-window (window 0), unshifted (copy 0) rows of a humob-qa folder: one split, or all splits in order."""
     import datasets
 
     ds = datasets.load_dataset(str(qa), "humob-qa")
     rows = []
     for name in [split] if split else list(ds):
-        rows += [r for r in ds[name] if int(r["window"]) == 0]
+        rows += [r for r in ds[name] if int(r["window"]) == 0 and int(r.get("copy", 0)) == 0]
     return rows
 
 

@@ -8,7 +8,7 @@ import pytest
 from datasets import load_dataset
 
 from train.cli import main
-from train.demo import HISTORY_ROW, LLAMAMOB_INPUT_DAYS, ORACLE_ROW
+from train.demo import HISTORY_ROW, LLAMAMOB_INPUT_DAYS, LLAMAMOB_SHIFTED_COPIES, ORACLE_ROW
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,10 @@ def test_demo_writes_report_and_plots(tmp_path, monkeypatch, offline_home):
     assert f"`{HISTORY_ROW}` is the same model decoding with `--cells history`" in report
     assert "Slot-mode fitted on the model's window alone (days {}-{}) scores".format(*LLAMAMOB_INPUT_DAYS) in report
     assert "## Llama-3-8B-Mob" in report and "Second city" in report and "sft/llamamob/training_curve.png" in report
+    qa = json.loads((tmp_path / "demo" / "humob_qa" / "hf_mobility.json").read_text())  # trained on shifted copies
+    assert qa["shifted_copies"]["train"]["per_row"] == LLAMAMOB_SHIFTED_COPIES
+    assert qa["rows"]["train"] == (LLAMAMOB_SHIFTED_COPIES + 1) * qa["shifted_copies"]["train"]["rows"] // (
+        LLAMAMOB_SHIFTED_COPIES)
     assert (tmp_path / "demo" / "sft" / "llamamob" / "training_curve.png").stat().st_size > 10_000
     # NextLocMoE beside the baselines and MHSA on every test sample, routing per archetype, zero-shot second city
     nl = json.loads((tmp_path / "demo" / "metrics_nextlocmoe.json").read_text())

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A 30-user grid city, its humob-qa rows (7 days in, 1 out, 2 windows per training user) and a 4-step run."""
+    """A 30-user grid city, its humob-qa rows (7 days in, 1 out, 2 windows per training user, each with a shifted copy)
+    and a 4-step run."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("llamamob")
     assert main(["-q", "data", "synth", "--kind", "grid", "--users", "30", "--days", "20", "--out",
@@ -29,7 +30,8 @@ def trained(tmp_path_factory):
     assert main(["-q", "data", "prepare", "--format", "yjmob", "--input", str(root / "raw" / "grid.csv"),
                  "--out", str(root / "data"), "--predict-days", "18-18", "--user-fractions", "0.6,0.2,0.2"]) == 0
     assert main(["-q", "data", "instructions", "--task", "humob-qa", "--data", str(root / "data"), "--out",
-                 str(root / "qa"), "--input-days", "11-17", "--predict-days", "18-18", "--windows-per-user", "2"]) == 0
+                 str(root / "qa"), "--input-days", "11-17", "--predict-days", "18-18", "--windows-per-user", "2",
+                 "--shifted-copies", "1", "--seed", "3"]) == 0
     assert main(["-q", "train", "sft", "--config", RECIPE, "--instructions", str(root / "qa"), "--output_dir",
                  str(root / "run"), "--max_steps", "4", "--per_device_train_batch_size", "4", "--eval_samples", "4",
                  "--logging_steps", "2", "--eval_steps", "2", "--save_steps", "100"]) == 0
@@ -41,6 +43,9 @@ def test_run_folder_holds_a_chat_model_and_its_instructions(trained):
     info = json.loads((run / "run_info.json").read_text())
     assert info["method"] == "llamamob-sft" and info["tasks"] == ["humob-qa"] and info["global_step"] == 4
     assert "location_tokenizer" not in info and "location_format" not in info
+    qa = json.loads((trained / "qa" / "hf_mobility.json").read_text())  # --shifted-copies 1 --seed 3 reached the build
+    assert qa["config"]["shifted_copies"] == 1 and qa["config"]["seed"] == 3
+    assert qa["shifted_copies"]["train"]["rows"] == qa["rows"]["train"] // 2 > 0
     config = json.loads((run / "model" / "config.json").read_text())
     assert config["num_key_value_heads"] == 1 and config["num_attention_heads"] == 4  # the recipe's GQA
     assert (run / "model" / "model.safetensors").is_file() and (run / "instructions" / "README.md").is_file()
