@@ -469,3 +469,17 @@ def test_input_validation():
     # a graph given explicitly replaces the kNN graph and updates the edge count; weights default to 1
     model.set_graph(kg, torch.tensor([[0, 1], [1, 0]]))
     assert model.config.num_edges == 2 and model.edge_weight.tolist() == [1.0, 1.0]
+
+
+def test_read_only_arrays_become_tensors_without_a_warning():
+    import warnings
+
+    from modeling_mobility.m3ob.modeling_m3ob import _as_tensor
+
+    array = np.arange(6, dtype=np.int64).reshape(2, 3)
+    array.setflags(write=False)  # as a NumPy view of an Arrow column is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = _as_tensor(array, torch.float32)
+    assert tensor.dtype == torch.float32 and tensor.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    assert not array.flags.writeable  # the caller's array is left as it was

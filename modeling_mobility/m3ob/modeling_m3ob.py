@@ -217,6 +217,9 @@ def _masked_cross_entropy(logits: torch.Tensor, labels: torch.LongTensor) -> tor
 
 
 def _as_tensor(value, dtype: torch.dtype | None = None) -> torch.Tensor:
+    flags = getattr(value, "flags", None)  # a read-only NumPy array (e.g. a view of an Arrow buffer): torch would warn
+    if flags is not None and not torch.is_tensor(value) and not flags.writeable:
+        value = value.copy()
     tensor = value if torch.is_tensor(value) else torch.as_tensor(value)
     return tensor.detach() if dtype is None else tensor.detach().to(dtype)
 
