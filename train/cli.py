@@ -754,13 +754,15 @@ def _library_progress_bars(enabled: bool):
 
     hub_was = hub_utils.are_progress_bars_disabled()
     datasets_was = datasets.are_progress_bars_disabled()
-    transformers_was = None
-    if "transformers" in sys.modules:  # imported before: its switch was read from huggingface_hub at import time
+    # transformers reads its switch from huggingface_hub when imported: one imported during the command starts with
+    # its bars off and is restored to the hub's state before
+    transformers_on = not hub_was
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
-        transformers_was = hf_logging.is_progress_bar_enabled()
+        transformers_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
-    hub_utils.disable_progress_bars()  # transformers imported from now on starts with its bars off
+    hub_utils.disable_progress_bars()
     datasets.disable_progress_bars()
     try:
         yield
@@ -769,13 +771,10 @@ def _library_progress_bars(enabled: bool):
             hub_utils.enable_progress_bars()
         if not datasets_was:
             datasets.enable_progress_bars()
-        if "transformers" in sys.modules:
+        if transformers_on and "transformers" in sys.modules:
             from transformers.utils import logging as hf_logging
 
-            if transformers_was is None:
-                transformers_was = not hub_was
-            if transformers_was:
-                hf_logging.enable_progress_bar()
+            hf_logging.enable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -795,11 +794,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     from dataset_builders.schema import DataValidationError
 
-    handlers = {"synth": _synth, "prepare": _prepare, "grid-visits": _grid_visits, "instructions": _instructions,
-                "kg": _data_kg}
     try:
         with _library_progress_bars(not args.quiet):
-            return _dispatch(args, handlers)
+            return _dispatch(args)
     except (DataValidationError, ValueError, OSError) as err:  # bad input, missing or unwritable files
         print(f"mobility: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -808,10 +805,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _dispatch(args: argparse.Namespace, handlers: dict) -> int:
+def _dispatch(args: argparse.Namespace) -> int:
     """Run the parsed command."""
     if args.command == "data":
-        handlers[args.data_command](args)
+        {"synth": _synth, "prepare": _prepare, "grid-visits": _grid_visits, "instructions": _instructions,
+         "kg": _data_kg}[args.data_command](args)
     elif args.command == "train":
         {"location-tokenizer": _train_location_tokenizer, "sft": _train_sft, "calliper": _train_calliper,
          "mhsa": _train_mhsa, "nextlocmoe": _train_nextlocmoe, "m3ob": _train_m3ob}[args.train_command](args)
