@@ -6,7 +6,7 @@ read back with the `yjmob` reader, then prepared twice:
 - the paper horizon: `prepare_grid` with predict days 60-74 and `build_humob_qa` asking days 60-74 from input days 0-59;
 - the demo horizon: exactly as `mobility demo` does (`train.demo._prepare_qa_city`: `LLAMAMOB_INPUT_DAYS` in,
   `LLAMAMOB_PREDICT_DAYS` asked, `LLAMAMOB_WINDOWS` training windows per user with `LLAMAMOB_SHIFTED_COPIES`
-  shifted copies each, 20% test users).
+  shifted copies each, answers in `LLAMAMOB_ANSWER_STYLE`, 20% test users).
 
 The demo model: `--run RUN_DIR` (a run folder of `train/sft.py` on humob-qa rows, e.g. `runs/demo/sft/llamamob`, loaded
 with `train.llamamob._load`), or `--model NAME` (a pretrained causal LM as it is, e.g. the offline
@@ -81,7 +81,7 @@ from train.demo import (  # noqa: E402
     LLAMAMOB_SHIFTED_COPIES,
     LLAMAMOB_WINDOWS,
 )
-from train.humob import answer_token_budget, predict_grid  # noqa: E402
+from train.humob import answer_style_of, answer_token_budget, predict_grid  # noqa: E402
 
 PAPER_INPUT_DAYS = (0, 59)
 PAPER_PREDICT_DAYS = (60, 74)
@@ -149,7 +149,8 @@ def bench_prompts(tokenizer, qa_dirs: dict[str, Path]) -> None:
         num_asked = np.array(num_asked)
         answers = [r["completion"][0]["content"] for r in qa_rows]
         answer_tokens = np.array([len(x) for x in tokenizer(answers, add_special_tokens=False)["input_ids"]])
-        budget_of = {m: answer_token_budget(tokenizer, int(m)) for m in np.unique(num_asked)}
+        style = answer_style_of(answers[0]) or "compact"
+        budget_of = {m: answer_token_budget(tokenizer, int(m), answer_style=style) for m in np.unique(num_asked)}
         budgets = np.array([budget_of[m] for m in num_asked])
         seen = observed_days > 0
         rows.append([
@@ -178,7 +179,9 @@ def bench_prompts(tokenizer, qa_dirs: dict[str, Path]) -> None:
 def bench_generation(args, model, tokenizer, data_dir: Path, qa: Path, batch_sizes: list[int]) -> None:
     data = load_prepared(data_dir)
     split_uids = data.table("samples", "test").column("uid").to_pylist()
-    by_uid = {int(r["uid"]): r["prompt"] for r in load_rows(qa, "test")}
+    test_rows = load_rows(qa, "test")
+    by_uid = {int(r["uid"]): r["prompt"] for r in test_rows}
+    style = answer_style_of(test_rows[0]["completion"][0]["content"]) or "compact"  # the answers the model learnt
     chosen = [u for u in split_uids[: args.users or None] if u in by_uid]
     prompts = dict(zip(chosen, (by_uid[u] for u in chosen)))
     prompt_tokens = np.array([len(x) for x in render_ids(tokenizer, list(prompts.values()))])
@@ -186,7 +189,7 @@ def bench_generation(args, model, tokenizer, data_dir: Path, qa: Path, batch_siz
     def predict(batch_size: int, constrained: bool = True, users: int | None = None, cells: str = "grid") -> dict:
         _, report = predict_grid(model, tokenizer, data, split="test", prompts=prompts, batch_size=batch_size,
                                  max_users=users or args.users or None, on_missing_prompt="fallback",
-                                 constrained=constrained, cells=cells, progress=False)
+                                 constrained=constrained, cells=cells, answer_style=style, progress=False)
         return report
 
     predict(1, users=2)  # warm-up (first-call allocations, the grammar's token texts)

@@ -8,7 +8,13 @@ import pytest
 from datasets import load_dataset
 
 from train.cli import main
-from train.demo import HISTORY_ROW, LLAMAMOB_INPUT_DAYS, LLAMAMOB_SHIFTED_COPIES, ORACLE_ROW
+from train.demo import (
+    HISTORY_ROW,
+    LLAMAMOB_ANSWER_STYLE,
+    LLAMAMOB_INPUT_DAYS,
+    LLAMAMOB_SHIFTED_COPIES,
+    ORACLE_ROW,
+)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +120,7 @@ def test_demo_writes_report_and_plots(tmp_path, monkeypatch, offline_home):
         pred = lm[city]["prediction"]
         assert pred["asked_slots"] == pred["answered"] + pred["filled"] > 0
         assert pred["decoding"] == "constrained" and pred["filled"] == 0  # the model answers every slot itself
+        assert pred["answer_style"] == LLAMAMOB_ANSWER_STYLE  # read from the instructions of each city
     assert "Constrained decoding:" in report and "llamamob_smollm.yaml" in report  # a 2-step model falls short
     assert f"`{ORACLE_ROW}` knows each person's habits" in report
     assert f"`{HISTORY_ROW}` is the same model decoding with `--cells history`" in report
@@ -121,6 +128,7 @@ def test_demo_writes_report_and_plots(tmp_path, monkeypatch, offline_home):
     assert "## Llama-3-8B-Mob" in report and "Second city" in report and "sft/llamamob/training_curve.png" in report
     qa = json.loads((tmp_path / "demo" / "humob_qa" / "hf_mobility.json").read_text())  # trained on shifted copies
     assert qa["shifted_copies"]["train"]["per_row"] == LLAMAMOB_SHIFTED_COPIES
+    assert qa["config"]["answer_style"] == LLAMAMOB_ANSWER_STYLE
     assert qa["rows"]["train"] == (LLAMAMOB_SHIFTED_COPIES + 1) * qa["shifted_copies"]["train"]["rows"] // (
         LLAMAMOB_SHIFTED_COPIES)
     assert (tmp_path / "demo" / "sft" / "llamamob" / "training_curve.png").stat().st_size > 10_000

@@ -373,16 +373,55 @@ def test_constrained_decoding_with_a_tiny_budget_is_cut_and_filled(grid_dir, tok
 # predict_grid and evaluate_grid_predictions
 
 
-def _write_instructions(path, prompts):
+def _write_instructions(path, prompts, answer="{}", metadata=None):
     import pyarrow as pa
 
     from dataset_builders.publish import write_dataset
 
     splits = {}
     for split, by_uid in prompts.items():
-        splits[split] = pa.Table.from_pylist([{"uid": int(u), "prompt": p, "completion": [
-            {"role": "assistant", "content": "{}"}]} for u, p in by_uid.items()])
-    return write_dataset(path, {"humob-qa": splits}, pretty_name="test humob-qa")
+        completion = [{"role": "assistant", "content": answer}] if answer is not None else []
+        splits[split] = pa.Table.from_pylist([{"uid": int(u), "prompt": p, "completion": completion}
+                                              for u, p in by_uid.items()])
+    return write_dataset(path, {"humob-qa": splits}, pretty_name="test humob-qa", metadata=metadata)
+
+
+def test_predict_grid_writes_answers_in_the_style_of_the_instructions(grid_dir, tokenizer, model, prompts, tmp_path,
+                                                                      monkeypatch):
+    seen = []
+    generate = humob._generate
+
+    def spy(*args, **kwargs):
+        answers, stats = generate(*args, **kwargs)
+        seen.append(answers)
+        return answers, stats
+
+    monkeypatch.setattr(humob, "_generate", spy)
+    test = {"test": prompts["test"]}
+    # the style of the set's answers
+    spaced = _write_instructions(tmp_path / "spaced", test, answer='{"prediction": [[8, 1, 2, 3]]}')
+    _, report = predict_grid(model, tokenizer, grid_dir, "test", instructions_dir=spaced, progress=False)
+    assert report["answer_style"] == "spaced" and report["answered"] == report["asked_slots"]
+    assert all(a.startswith('{"prediction": [[') and ", " in a and "," not in a.replace(", ", "") for a in seen[-1])
+    # no answers (a hidden split): the style the builder recorded
+    recorded = _write_instructions(tmp_path / "recorded", test, answer=None,
+                                   metadata={"config": {"answer_style": "spaced"}})
+    _, report = predict_grid(model, tokenizer, grid_dir, "test", instructions_dir=recorded, progress=False)
+    assert report["answer_style"] == "spaced"
+    # the caller's style wins; plain prompts and sets that say nothing are compact
+    _, report = predict_grid(model, tokenizer, grid_dir, "test", instructions_dir=spaced, answer_style="compact",
+                             progress=False)
+    assert report["answer_style"] == "compact" and all(" " not in a for a in seen[-1])
+    unknown = _write_instructions(tmp_path / "unknown", test, answer=None)
+    assert predict_grid(model, tokenizer, grid_dir, "test", instructions_dir=unknown,
+                        progress=False)[1]["answer_style"] == "compact"
+    assert predict_grid(model, tokenizer, grid_dir, "test", prompts["test"],
+                        progress=False)[1]["answer_style"] == "compact"
+    # free decoding budgets the longer spaced answer
+    spaced_budget = answer_token_budget(tokenizer, 20, answer_style="spaced")
+    assert spaced_budget > answer_token_budget(tokenizer, 20)
+    with pytest.raises(ValueError, match="answer_style must be one of"):
+        predict_grid(model, tokenizer, grid_dir, "test", prompts["test"], answer_style="pretty", progress=False)
 
 
 def test_predict_grid_with_a_random_model_answers_every_asked_slot(grid_dir, tokenizer, model, prompts, tmp_path):

@@ -35,6 +35,25 @@ def test_reference_answer_is_the_compact_json_and_walks_to_completion():
     assert g.advance(_walk(g, text), "x") is None and g.advance(_walk(g, text), ",") is None
 
 
+def test_spaced_style_is_json_dumps_default_and_refuses_the_compact_form():
+    g = AnswerGrammar(ASKED, 1, 200, style="spaced")
+    text = g.text_of(CELLS)
+    assert text == json.dumps({"prediction": [a + c for a, c in zip(ASKED, CELLS)]})
+    assert text == '{"prediction": [[60, 13, 45, 102], [60, 14, 200, 1], [61, 0, 7, 199]]}'
+    for chunk in (1, 2, 5, len(text)):
+        state = _walk(g, text, chunk)
+        assert state is not None and g.is_complete(state)
+    # a cell written as the token " 121" (space and digits) is one step of the walk
+    state = _walk(g, '{"prediction": [[60, 13,')
+    assert g.advance(state, " 121") is not None and g.advance(state, "121") is None
+    assert _walk(g, AnswerGrammar(ASKED, 1, 200).text_of(CELLS)) is None  # the compact answer is off this grammar
+    assert _walk(g, '{"prediction": [[60, 13,  45') is None  # two spaces
+    assert _walk(g, '{"prediction": [[60, 13, 45 ,') is None  # a space before the comma
+    assert AnswerGrammar([[5, 7]], 0, 9, style="spaced").max_length == len('{"prediction": [[5, 7, 1, 2]]}')
+    with pytest.raises(ValueError, match="answer_style must be one of"):
+        AnswerGrammar(ASKED, 1, 200, style="pretty")
+
+
 @pytest.mark.parametrize(
     "prefix",
     [

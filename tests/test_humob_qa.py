@@ -130,6 +130,11 @@ def test_format_parse_answer_round_trip():
     answer = answer_json(*recs[:3].T)
     assert " " not in answer and answer.startswith('{"prediction":[[')
     assert json.loads(answer)["prediction"] == recs[:3].tolist()
+    spaced = answer_json(*recs[:3].T, style="spaced")
+    assert spaced == json.dumps({"prediction": recs[:3].tolist()})  # json.dumps' default separators
+    assert spaced.startswith('{"prediction": [[') and json.loads(spaced) == json.loads(answer)
+    with pytest.raises(ValueError, match="answer_style must be one of"):
+        answer_json(*recs[:3].T, style="pretty")
     assert user_message(np.zeros((0, 4)), [[3, 4]], (5, 4), (3, 3)) == f"No days observed; predict day 3.\n3 4 {HIDDEN_MARK}"
     with pytest.raises(ValueError, match="same length"):
         format_records([1, 2], [3], [4], [5])
@@ -197,6 +202,26 @@ def test_card_and_metadata(built):
     assert "| hidden | 1 |" in card and "Days 0-14 observed; predict days 15-19." in card
     meta = json.loads((out / "hf_mobility.json").read_text())
     assert meta["kind"] == "humob_qa" and meta["rows"] == summary["rows"] and meta["grid_size"] == 50
+
+
+def test_spaced_answer_style_changes_only_the_answers_and_is_recorded(grid, built, tmp_path):
+    out, _ = built
+    summary = build_humob_qa(grid, tmp_path / "spaced", HumobQAConfig(answer_style="spaced"), progress=False)
+    assert summary["rows"] == {"train": 7, "validation": 1, "test": 1, "hidden": 1}
+    for split in ("train", "validation", "test", "hidden"):
+        compact, spaced = _rows(out, split), _rows(tmp_path / "spaced", split)
+        for a, b in zip(compact, spaced):
+            assert a["prompt"] == b["prompt"]  # the prompts are the same
+            if split == "hidden":
+                assert b["completion"] == []
+                continue
+            cells = json.loads(_content(a, "assistant"))["prediction"]
+            assert _content(b, "assistant") == answer_json(*np.asarray(cells).T, style="spaced")
+    meta = json.loads((tmp_path / "spaced" / "hf_mobility.json").read_text())
+    assert meta["config"]["answer_style"] == "spaced"
+    assert json.loads((out / "hf_mobility.json").read_text())["config"]["answer_style"] == "compact"
+    assert '`{"prediction": [[d, t, x, y], ...]}`' in (tmp_path / "spaced" / "README.md").read_text()
+    assert '`{"prediction":[[d,t,x,y],...]}`' in (out / "README.md").read_text()
 
 
 def test_builds_from_a_prepared_folder(grid, tmp_path):
@@ -468,6 +493,7 @@ def test_token_budget_without_chat_template_and_from_a_folder(grid, built, token
     ({"seed": -1}, "seed=-1"),
     ({"shifted_copies": -1}, "shifted_copies=-1"),
     ({"shifted_copies": 1.5}, "shifted_copies=1.5"),
+    ({"answer_style": "pretty"}, "answer_style must be one of"),
 ])
 def test_bad_configs_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

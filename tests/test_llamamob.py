@@ -21,8 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A 30-user grid city, its humob-qa rows (7 days in, 1 out, 2 windows per training user, each with a shifted copy)
-    and a 4-step run."""
+    """A 30-user grid city, its humob-qa rows (7 days in, 1 out, 2 windows per training user, each with a shifted copy;
+    spaced answers) and a 4-step run."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("llamamob")
     assert main(["-q", "data", "synth", "--kind", "grid", "--users", "30", "--days", "20", "--out",
@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
                  "--out", str(root / "data"), "--predict-days", "18-18", "--user-fractions", "0.6,0.2,0.2"]) == 0
     assert main(["-q", "data", "instructions", "--task", "humob-qa", "--data", str(root / "data"), "--out",
                  str(root / "qa"), "--input-days", "11-17", "--predict-days", "18-18", "--windows-per-user", "2",
-                 "--shifted-copies", "1", "--seed", "3"]) == 0
+                 "--shifted-copies", "1", "--answer-style", "spaced", "--seed", "3"]) == 0
     assert main(["-q", "train", "sft", "--config", RECIPE, "--instructions", str(root / "qa"), "--output_dir",
                  str(root / "run"), "--max_steps", "4", "--per_device_train_batch_size", "4", "--eval_samples", "4",
                  "--logging_steps", "2", "--eval_steps", "2", "--save_steps", "100"]) == 0
@@ -44,7 +44,7 @@ def test_run_folder_holds_a_chat_model_and_its_instructions(trained):
     assert info["method"] == "llamamob-sft" and info["tasks"] == ["humob-qa"] and info["global_step"] == 4
     assert "location_tokenizer" not in info and "location_format" not in info
     qa = json.loads((trained / "qa" / "hf_mobility.json").read_text())  # --shifted-copies 1 --seed 3 reached the build
-    assert qa["config"]["shifted_copies"] == 1 and qa["config"]["seed"] == 3
+    assert qa["config"]["shifted_copies"] == 1 and qa["config"]["seed"] == 3 and qa["config"]["answer_style"] == "spaced"
     assert qa["shifted_copies"]["train"]["rows"] == qa["rows"]["train"] // 2 > 0
     config = json.loads((run / "model" / "config.json").read_text())
     assert config["num_key_value_heads"] == 1 and config["num_attention_heads"] == 4  # the recipe's GQA
@@ -79,7 +79,7 @@ def test_predict_answers_every_asked_slot_once_and_evaluate_scores_it(trained, c
     # constrained decoding (the default): the model answers every asked slot itself, on the grid, nothing dropped
     assert report["decoding"] == "constrained" and report["answered"] == report["asked_slots"] == len(asked)
     assert report["filled"] == report["not_asked"] == report["out_of_grid"] == report["stopped_at_limit"] == 0
-    assert report["cells"] == "grid"
+    assert report["cells"] == "grid" and report["answer_style"] == "spaced"  # the style of the run's instructions
     from train import cli, humob
 
     assert cli.CELL_CHOICES == humob.CELL_CHOICES  # the parser's copy (it builds without importing humob)

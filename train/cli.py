@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="humob-qa: K extra copies of every training row with all its cells moved by one random "
                      "offset on the grid (default 0): augmentation for a model trained from scratch, so that it reads "
                      "the cells of its prompt rather than learning the training users' places; seeded by --seed")
+    ins.add_argument("--answer-style", choices=["compact", "spaced"], default="compact",
+                     help="humob-qa: the answer JSON compact ({\"prediction\":[[60,5,121,174]]}, default) or spaced "
+                     "({\"prediction\": [[60, 5, 121, 174]]}: with a BPE that merges a leading space into numbers, the "
+                     "cells of the answer are then the same tokens as in the prompt's rows); prediction follows it")
     ins.add_argument("--out", required=True, type=Path, help="output dataset folder")
     ins.add_argument("--format", dest="fmt", choices=["prompt_completion", "chat"], default="prompt_completion",
                      help="TRL prompt-completion strings (default) or conversational messages")
@@ -511,7 +515,7 @@ def _humob_instructions(args) -> None:
     config = HumobQAConfig(input_days=args.input_days, predict_days=args.predict_days,
                            max_input_tokens=args.max_input_tokens, tokenizer=args.tokenizer,
                            user_ranges=args.user_ranges, windows_per_user=args.windows_per_user,
-                           shifted_copies=args.shifted_copies, seed=args.seed)
+                           shifted_copies=args.shifted_copies, answer_style=args.answer_style, seed=args.seed)
     summary = build_humob_qa(args.data, args.out, config, progress=not args.quiet)
     print("Row account:\n")
     print(RowAccount.from_dict(summary["row_account"]).to_markdown())

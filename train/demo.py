@@ -329,6 +329,10 @@ LLAMAMOB_INPUT_DAYS = (56, 59)
 LLAMAMOB_PREDICT_DAYS = (60, 61)
 LLAMAMOB_WINDOWS = 8  # training rows per user (earlier windows of the same length)
 LLAMAMOB_SHIFTED_COPIES = 4  # copies of each training row with its cells moved on the grid (`--shifted-copies`)
+# `--answer-style spaced`: the demo's BPE merges a leading space into numbers, so a cell is the same token (` 121`) in the
+# prompt's rows and in a spaced answer; in a compact answer (`,121`) it is another token, and copying it across the two
+# forms failed (the model wrote the x of a cell again as its y)
+LLAMAMOB_ANSWER_STYLE = "spaced"
 LLAMAMOB_USER_FRACTIONS = (0.7, 0.1, 0.2)  # more test users than the default 10% of a 200-user city
 LLAMAMOB_ORACLE_DAYS = 700  # further simulated days of the same people behind the habit oracle
 ORACLE_ROW = "habit oracle"
@@ -346,7 +350,7 @@ def _target_in_prompt(data: Path, qa: Path, split: str = "test") -> float:
     prepared = load_prepared(data)
     base = int(prepared.metadata.get("coordinate_base", 1))
     cell_range = (base, base + int(prepared.metadata.get("grid_size") or 200) - 1)
-    prompts = _load_instruction_prompts(qa, split)
+    prompts, _ = _load_instruction_prompts(qa, split)
     seen = {(uid, x, y) for uid, prompt in prompts.items() for x, y in history_cells(prompt, cell_range).tolist()}
     targets = grid_targets(prepared, split)
     hits = [(int(u), int(x), int(y)) in seen for u, x, y in zip(targets["uid"], targets["x"], targets["y"])]
@@ -402,7 +406,7 @@ def habit_oracle(grid_csv: str | os.PathLike, data: str | os.PathLike, synthetic
 def _prepare_qa_city(loaded, out: Path, name: str, seed: int, title: str, windows: int,
                      shifted_copies: int = 0) -> tuple[Path, Path]:
     """A grid city prepared for the demo's horizon and its humob-qa rows (``windows`` per training user, each with
-    ``shifted_copies`` shifted copies): `(data folder, instructions folder)`."""
+    ``shifted_copies`` shifted copies; answers in `LLAMAMOB_ANSWER_STYLE`): `(data folder, instructions folder)`."""
     from dataset_builders.instructions.humob_qa import HumobQAConfig, build_humob_qa
     from dataset_builders.preprocess import GridPreprocessConfig, prepare_grid
     from dataset_builders.publish import write_prepared
@@ -412,7 +416,8 @@ def _prepare_qa_city(loaded, out: Path, name: str, seed: int, title: str, window
     data = write_prepared(prepared, out / "data" / name, title=title)
     qa = out / f"humob_qa_{name}" if name != "grid_qa" else out / "humob_qa"
     build_humob_qa(data, qa, HumobQAConfig(input_days=LLAMAMOB_INPUT_DAYS, predict_days=LLAMAMOB_PREDICT_DAYS,
-                                           windows_per_user=windows, shifted_copies=shifted_copies, seed=seed),
+                                           windows_per_user=windows, shifted_copies=shifted_copies,
+                                           answer_style=LLAMAMOB_ANSWER_STYLE, seed=seed),
                    progress=False)
     return data, qa
 

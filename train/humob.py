@@ -50,6 +50,7 @@ __all__ = [
     "CELL_CHOICES",
     "HUMOB_CONFIG",
     "PARSE_METHODS",
+    "answer_style_of",
     "answer_token_budget",
     "evaluate_grid_predictions",
     "fill_predictions",
@@ -451,11 +452,12 @@ def fill_predictions(
 
 
 def answer_token_budget(
-    tokenizer, num_asked: int, grid_size: int = 200, *, margin: float = 0.1, extra_tokens: int = 16
+    tokenizer, num_asked: int, grid_size: int = 200, *, margin: float = 0.1, extra_tokens: int = 16,
+    answer_style: str = "compact",
 ) -> int:
-    """A `max_new_tokens` that fits a compact JSON answer with `num_asked` rows.
+    """A `max_new_tokens` that fits a JSON answer with `num_asked` rows.
 
-    Measures the token length of `{"prediction":[[d,t,x,y],...]}` with `num_asked` rows of 3-digit days, 2-digit
+    Measures the token length of `{"prediction":[[d,t,x,y],...]}` (in `answer_style`) with `num_asked` rows of 3-digit days, 2-digit
     slots and cells with as many digits as `grid_size` (values spread over the range, since BPE splits numbers
     unevenly), then adds `margin` (a fraction) and `extra_tokens` (end of sequence, a little slack). A free-text
     `"reason"` field is not budgeted.
@@ -466,13 +468,18 @@ def answer_token_budget(
         grid_size (`int`, *optional*, defaults to 200): cells per side.
         margin (`float`, *optional*, defaults to 0.1): relative slack, at least 0.
         extra_tokens (`int`, *optional*, defaults to 16): absolute slack, at least 0.
+        answer_style (`str`, *optional*, defaults to `"compact"`): `"compact"` or `"spaced"` (see
+            `dataset_builders.instructions.humob_qa.ANSWER_STYLES`).
 
     Returns:
         `int`: the token budget.
 
     Raises:
-        `ValueError`: on a negative or non-integer `num_asked`, a `grid_size` below 1, or negative slack.
+        `ValueError`: on a negative or non-integer `num_asked`, a `grid_size` below 1, negative slack or an unknown
+        answer style.
     """
+    from dataset_builders.instructions.humob_qa import answer_json
+
     for name, value in (("num_asked", num_asked), ("extra_tokens", extra_tokens)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -487,8 +494,7 @@ def answer_token_budget(
     t = 10 + (i * 5) % 38
     x = low + (i * 37 + 11) % span
     y = low + (i * 53 + 29) % span
-    body = ",".join(f"[{a},{b},{c},{e}]" for a, b, c, e in zip(d, t, x, y))
-    answer = '{"prediction":[' + body + "]}"
+    answer = answer_json(d, t, x, y, style=answer_style)
     length = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
     return int(np.ceil(length * (1.0 + margin))) + int(extra_tokens)
 
@@ -538,6 +544,7 @@ def _render(tokenizer, prompts: Sequence[Any], chunk: int = 256) -> list[np.ndar
 def _generate(
     model, tokenizer, prompts: Sequence[Any], *, batch_size: int, max_new_tokens: int | Sequence[int], progress: bool,
     asked: Sequence[Any] | None = None, cell_range: tuple[int, int] | None = None, cells: Sequence[Any] | None = None,
+    answer_style: str = "compact",
 ) -> tuple[list[str], dict[str, Any]]:
     """[`generate_answers`] with statistics: `(answers, {"seconds", "tokens", "stopped_at_limit", "prompt_tokens",
     "overrides"})`; `overrides` (per prompt: tokens where the grammar replaced the model's top token) only with
@@ -610,7 +617,8 @@ def _generate(
                 grammar = None
                 if asked is not None:
                     grammar = HumobAnswerLogitsProcessor(tokenizer, [asked[i] for i in order], cell_range, eos,
-                                                         token_texts=token_texts, cells=[cells[i] for i in order])
+                                                         token_texts=token_texts, cells=[cells[i] for i in order],
+                                                         answer_style=answer_style)
                 generated = continuous_greedy_decode(
                     model, [ids[i] for i in order], max_new_tokens=budgets[order], eos_token_ids=eos,
                     choose=grammar.next_tokens if grammar is not None else None, max_batch=int(batch_size),
@@ -635,7 +643,8 @@ def _generate(
                     choose = None
                     if asked is not None:
                         grammar = HumobAnswerLogitsProcessor(tokenizer, [asked[i] for i in idx], cell_range, eos,
-                                                             token_texts=token_texts, cells=[cells[i] for i in idx])
+                                                             token_texts=token_texts, cells=[cells[i] for i in idx],
+                                                             answer_style=answer_style)
                         choose = grammar.next_tokens
                     generated = greedy_decode(model, input_ids.to(device), attention.to(device),
                                               max_new_tokens=budgets[idx], eos_token_ids=eos, choose=choose)
@@ -663,6 +672,7 @@ def generate_answers(
     asked: Sequence[Any] | None = None,
     cell_range: tuple[int, int] = (1, 200),
     cells: Sequence[Any] | None = None,
+    answer_style: str = "compact",
 ) -> list[str]:
     """Greedy answers of a causal LM to chat prompts, batched.
 
@@ -692,12 +702,14 @@ def generate_answers(
         progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over the prompts (advanced as answers end).
         asked (`Sequence`, *optional*): per prompt, its asked (d, t) as an `(m, 2)` array (see
             [`parse_asked_slots`]). Given, decoding is grammar-constrained
-            ([`train.humob_grammar.HumobAnswerLogitsProcessor`]): each answer is the compact JSON with exactly the
-            asked (d, t) in the asked order and the model's cells; without it, decoding is free.
+            ([`train.humob_grammar.HumobAnswerLogitsProcessor`]): each answer is the JSON (in `answer_style`) with
+            exactly the asked (d, t) in the asked order and the model's cells; without it, decoding is free.
         cell_range (`tuple[int, int]`, *optional*, defaults to `(1, 200)`): the first and last cell number, for
             constrained decoding.
         cells (`Sequence`, *optional*): with `asked`, per prompt an `(k, 2)` array of the only cells its answer may
             hold (e.g. the cells of its records), or `None` for the whole grid.
+        answer_style (`str`, *optional*, defaults to `"compact"`): with `asked`, the answer style the model was
+            trained on: `"compact"` or `"spaced"`.
 
     Returns:
         `list[str]`: the decoded answers (special tokens skipped), in the order of `prompts`.
@@ -708,7 +720,7 @@ def generate_answers(
     """
     answers, _ = _generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            progress=progress, asked=asked, cell_range=cell_range if asked is not None else None,
-                           cells=cells)
+                           cells=cells, answer_style=answer_style)
     return answers
 
 
@@ -729,8 +741,41 @@ def _few(values, k: int = 5) -> str:
     return ", ".join(str(v) for v in values[:k]) + (", ..." if len(values) > k else "")
 
 
-def _load_instruction_prompts(instructions, split: str) -> dict[int, Any]:
-    """`{uid: prompt}` of the `split` rows of an instruction dataset (a folder / Hub id, or a `datasets.Dataset`)."""
+def answer_style_of(answer: str) -> str | None:
+    """The answer style (`"compact"` or `"spaced"`) a model answer or training answer is written in, from how it opens
+    (`{"prediction":[` or `{"prediction": [`); `None` for anything else."""
+    from dataset_builders.instructions.humob_qa import ANSWER_STYLES
+
+    text = answer.lstrip() if isinstance(answer, str) else ""
+    for style, (_, key) in ANSWER_STYLES.items():
+        if text.startswith('{"prediction"' + key + "["):
+            return style
+    return None
+
+
+def _instruction_answer_style(instructions, rows) -> tuple[str | None, str]:
+    """The answer style of an instruction dataset and where it was read: the first answer of its loaded rows (a
+    `completion` column), else the `answer_style` its builder recorded in `hf_mobility.json` (a local folder)."""
+    if "completion" in rows.column_names:
+        for completion in rows.select(range(min(len(rows), 8)))["completion"]:
+            for message in completion or []:
+                style = answer_style_of(message.get("content")) if isinstance(message, Mapping) else None
+                if style is not None:
+                    return style, "its answers"
+    if isinstance(instructions, (str, os.PathLike)):
+        meta = Path(instructions) / "hf_mobility.json"
+        try:
+            style = json.loads(meta.read_text(encoding="utf-8"))["config"]["answer_style"]
+        except (OSError, ValueError, KeyError, TypeError):
+            style = None
+        if style is not None:
+            return str(style), str(meta)
+    return None, ""
+
+
+def _load_instruction_prompts(instructions, split: str) -> tuple[dict[int, Any], str | None]:
+    """`{uid: prompt}` of the `split` rows of an instruction dataset (a folder / Hub id, or a `datasets.Dataset`), and
+    the answer style it was built with (`None` when neither its rows nor its metadata say)."""
     import datasets
 
     if isinstance(instructions, datasets.Dataset):
@@ -760,7 +805,10 @@ def _load_instruction_prompts(instructions, split: str) -> dict[int, Any]:
     if repeated:
         raise ValueError(f"{where} has several rows for {len(repeated)} uid(s) ({_few(repeated)}); prediction needs "
                          "exactly one prompt per user of the split")
-    return dict(zip(uids, rows["prompt"]))
+    style, source = _instruction_answer_style(instructions, rows)
+    if style is not None:
+        logger.info("answer style %r (from %s of %s)", style, source, where)
+    return dict(zip(uids, rows["prompt"])), style
 
 
 def _fallback_cells(samples: pa.Table, asked: list[np.ndarray], day0_weekday: int) -> list[np.ndarray]:
@@ -795,6 +843,7 @@ def predict_grid(
     on_missing_prompt: str = "error",
     constrained: bool = True,
     cells: str = "grid",
+    answer_style: str | None = None,
     progress: bool = True,
     out_csv: str | os.PathLike | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -830,6 +879,10 @@ def predict_grid(
             people mostly return to places they have been: a prior for models that read their history poorly, at
             the cost of never predicting a new place). A prompt without records keeps the grid (counted in
             `prompts_without_records`).
+        answer_style (`str`, *optional*): the answer style the model was trained on, `"compact"` or `"spaced"` (see
+            `dataset_builders.instructions.humob_qa.ANSWER_STYLES`): constrained answers are written in it. Default:
+            the style of `instructions_dir` (its answers, else the `answer_style` in its `hf_mobility.json`), else
+            `"compact"`.
         progress (`bool`, *optional*, defaults to `True`): show a progress bar.
         out_csv (`str` or `os.PathLike`, *optional*): also write the predictions there as `uid,d,t,x,y` (atomically).
 
@@ -844,8 +897,8 @@ def predict_grid(
         best token on it was taken instead), `cells`, `prompts_without_records` (with `cells="history"`),
         `asked_differs_from_targets` (users whose asked slots
         are not the split's target slots), `unused_prompts`, `generation_seconds`, `total_seconds`, `prompt_tokens`,
-        `tokens_generated`, `tokens_per_second`, `users_per_second`, `batch_size`, `unparsable_examples` (the first
-        few unparsable answers, shortened).
+        `tokens_generated`, `tokens_per_second`, `users_per_second`, `batch_size`, `answer_style`,
+        `unparsable_examples` (the first few unparsable answers, shortened).
 
     Raises:
         `ValueError`: if the data is not a grid dataset, the split does not exist, neither `prompts` nor
@@ -870,13 +923,19 @@ def predict_grid(
         raise ValueError(f"on_missing_prompt must be 'error' or 'fallback', got {on_missing_prompt!r}")
     if cells not in CELL_CHOICES:
         raise ValueError(f"cells must be one of {CELL_CHOICES}, got {cells!r}")
+    if answer_style is not None:
+        from dataset_builders.instructions.humob_qa import answer_separators
+
+        answer_separators(answer_style)  # a clear error for an unknown style before any work
     if cells != "grid" and not constrained:
         raise ValueError(f"cells={cells!r} restricts grammar-constrained decoding; free decoding writes any text")
     if prompts is None:
         if instructions_dir is None:
             raise ValueError("pass `prompts` ({uid: chat messages}) or `instructions_dir` (the humob-qa instruction "
                              "dataset) to say what to ask the model")
-        by_uid = _load_instruction_prompts(instructions_dir, split)
+        by_uid, found_style = _load_instruction_prompts(instructions_dir, split)
+        if answer_style is None:
+            answer_style = found_style
     else:
         if not isinstance(prompts, Mapping):
             raise ValueError(f"prompts must be a mapping {{uid: chat messages}}, got {type(prompts).__name__}")
@@ -919,19 +978,21 @@ def predict_grid(
     base = int(data.metadata.get("coordinate_base", 1))
     fallbacks = _fallback_cells(samples, asked, day0)
 
+    answer_style = answer_style or "compact"
     prompted = np.flatnonzero(has_prompt)
     if max_new_tokens is None and constrained:
         from .humob_grammar import AnswerGrammar
 
         # every constrained token writes at least one character: the longest answer in characters always fits
-        budgets = [AnswerGrammar(asked[i], base, base + grid_size - 1).max_length + 1 for i in prompted]
+        budgets = [AnswerGrammar(asked[i], base, base + grid_size - 1, style=answer_style).max_length + 1
+                   for i in prompted]
     elif max_new_tokens is None:
         cache: dict[int, int] = {}
         budgets = []
         for i in prompted:
             m = len(asked[i])
             if m not in cache:
-                cache[m] = answer_token_budget(tokenizer, m, grid_size)
+                cache[m] = answer_token_budget(tokenizer, m, grid_size, answer_style=answer_style)
             budgets.append(cache[m])
     else:
         budgets = [max_new_tokens] * len(prompted)
@@ -944,7 +1005,7 @@ def predict_grid(
     generated, gen_stats = _generate(
         model, tokenizer, [by_uid[int(uids[i])] for i in prompted], batch_size=batch_size, max_new_tokens=budgets,
         progress=progress, asked=[asked[i] for i in prompted] if constrained else None, cell_range=cell_range,
-        cells=allowed,
+        cells=allowed, answer_style=answer_style,
     )
     answers: list[str | None] = [None] * len(uids)
     for i, answer in zip(prompted, generated):
@@ -996,6 +1057,7 @@ def predict_grid(
         "decoding": "constrained" if constrained else "free",
         "grammar_overrides": int(gen_stats["overrides"].sum()) if constrained else None,
         "cells": cells,
+        "answer_style": answer_style,
         "prompts_without_records": without_records,
         "prompt_tokens": int(gen_stats["prompt_tokens"]),
         "tokens_generated": int(gen_stats["tokens"]),

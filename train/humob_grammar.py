@@ -1,8 +1,8 @@
 """Grammar-constrained decoding of Llama-3-8B-Mob answers (hf-mobility choice; the paper decodes freely).
 
-A Q&A prompt asks a known list of (d, t) slots, so the answer has a known shape: the compact JSON
-`{"prediction":[[d1,t1,x1,y1],[d2,t2,x2,y2],...]}` with the asked (d, t) in the asked order and only the cells `x, y`
-left to the model. [`AnswerGrammar`] is a character-level automaton of that string for one prompt (cells are integers
+A Q&A prompt asks a known list of (d, t) slots, so the answer has a known shape: the JSON
+`{"prediction":[[d1,t1,x1,y1],[d2,t2,x2,y2],...]}` (or, in the `"spaced"` answer style, `{"prediction": [[d1, t1, x1,
+y1], ...]}`) with the asked (d, t) in the asked order and only the cells `x, y` left to the model. [`AnswerGrammar`] is a character-level automaton of that string for one prompt (cells are integers
 in `lo..hi` without leading zeros); [`HumobAnswerLogitsProcessor`] makes greedy generation follow it: at every step
 each row takes its highest-scoring token whose text keeps the answer on the grammar (the model's own top token almost
 always: it writes the scaffold the way it learnt to tokenise it), and an end-of-sequence token once the answer is
@@ -14,7 +14,8 @@ the model chooses among those cells only (e.g. the cells of the person's records
 from transformers import LogitsProcessorList
 from train.humob_grammar import HumobAnswerLogitsProcessor
 
-processor = HumobAnswerLogitsProcessor(tokenizer, asked_per_row, cell_range=(1, 200), eos_token_id=eos_ids)
+processor = HumobAnswerLogitsProcessor(tokenizer, asked_per_row, cell_range=(1, 200), eos_token_id=eos_ids,
+                                       answer_style="compact")
 model.generate(input_ids, attention_mask=mask, logits_processor=LogitsProcessorList([processor]), do_sample=False)
 processor.overrides  # tokens where the model's top choice left the grammar, per row
 ```
@@ -29,20 +30,23 @@ from typing import Any
 import numpy as np
 from transformers import LogitsProcessor
 
+from dataset_builders.instructions.humob_qa import answer_separators
+
 __all__ = ["AnswerGrammar", "HumobAnswerLogitsProcessor", "TokenTexts"]
 
 logger = logging.getLogger(__name__)
 
-_ALPHABET = frozenset('0123456789,[]{}":prediction')  # every character the compact answer can hold
+_ALPHABET = frozenset('0123456789,[]{}": prediction')  # every character an answer can hold (either style)
 _DIGITS = frozenset("0123456789")
 _DEEPER = 1024  # candidates read in score order before scanning every token of the answer's alphabet
 
 
 class AnswerGrammar:
-    """The compact JSON answer to one prompt, as a character automaton.
+    """The JSON answer to one prompt, as a character automaton.
 
     The answer is `{"prediction":[` + `[d,t,X,Y]` per asked slot joined by `,` + `]}`, where `d, t` are the asked
-    values (fixed text) and `X, Y` integer fields in `lo..hi`. A state is `(segment, position, digits, x)`: the index
+    values (fixed text) and `X, Y` integer fields in `lo..hi`; in the `"spaced"` style every `,` and `:` is followed
+    by a space (`{"prediction": [[d, t, X, Y], ...]}`, see `dataset_builders.instructions.humob_qa.ANSWER_STYLES`). A state is `(segment, position, digits, x)`: the index
     of the current segment (fixed text or a number field), the position inside fixed text, the digits written so far
     in a number field, and the `X` of the current slot once written. States are plain tuples, so a caller can keep one
     per sequence.
@@ -56,13 +60,15 @@ class AnswerGrammar:
         hi (`int`): the largest cell number.
         cells (`array-like` of shape `(k, 2)`, *optional*): the only `(X, Y)` cells an answer may hold (each slot
             one of them); default: every cell of `lo..hi` x `lo..hi`.
+        style (`str`, *optional*, defaults to `"compact"`): the answer style the model was trained on, `"compact"`
+            or `"spaced"`.
 
     Raises:
-        `ValueError`: on an empty or malformed `asked` or `cells`, negative values, `lo > hi` or a cell outside
-        `lo..hi`.
+        `ValueError`: on an empty or malformed `asked` or `cells`, negative values, `lo > hi`, a cell outside
+        `lo..hi` or an unknown style.
     """
 
-    def __init__(self, asked: Any, lo: int, hi: int, cells: Any = None):
+    def __init__(self, asked: Any, lo: int, hi: int, cells: Any = None, style: str = "compact"):
         asked = np.asarray(asked, dtype=np.int64)
         if asked.ndim != 2 or asked.shape[1] != 2 or len(asked) == 0:
             raise ValueError(f"asked must be an (m, 2) array of (d, t) with m >= 1, got shape {asked.shape}")
@@ -72,10 +78,13 @@ class AnswerGrammar:
         if lo < 0 or lo > hi:
             raise ValueError(f"the cell range must satisfy 0 <= lo <= hi, got lo={lo}, hi={hi}")
         self.lo, self.hi = lo, hi
+        self.style = style
+        sep, key = answer_separators(style)
         self.max_digits = len(str(hi))
         segments: list[str | None] = []  # str: fixed text; None: a cell number
         for k, (d, t) in enumerate(asked.tolist()):
-            segments += [('{"prediction":[[' if k == 0 else "],[") + f"{d},{t},", None, ",", None]
+            start = '{"prediction"' + key + "[[" if k == 0 else "]" + sep + "["
+            segments += [f"{start}{d}{sep}{t}{sep}", None, sep, None]
         segments.append("]]}")
         self.segments = segments
         self.start = (0, 0, "", "")
@@ -245,10 +254,13 @@ class HumobAnswerLogitsProcessor(LogitsProcessor):
             processors of several batches (the vocabulary is then decoded once per run, not once per batch).
         cells (`Sequence`, *optional*): per row, a `(k, 2)` array of the only cells its answer may hold, or `None`
             for every cell of `cell_range` (see [`AnswerGrammar`]).
+        answer_style (`str`, *optional*, defaults to `"compact"`): the answer style the model was trained on
+            (`"compact"` or `"spaced"`, see [`AnswerGrammar`]).
     """
 
     def __init__(self, tokenizer, asked: Sequence[Any], cell_range: tuple[int, int], eos_token_id, top_k: int = 32,
-                 token_texts: TokenTexts | None = None, cells: Sequence[Any] | None = None):
+                 token_texts: TokenTexts | None = None, cells: Sequence[Any] | None = None,
+                 answer_style: str = "compact"):
         eos = [int(eos_token_id)] if isinstance(eos_token_id, (int, np.integer)) else [int(e) for e in eos_token_id]
         if not eos:
             raise ValueError("eos_token_id must name at least one token")
@@ -259,7 +271,7 @@ class HumobAnswerLogitsProcessor(LogitsProcessor):
         cells = [None] * len(asked) if cells is None else list(cells)
         if len(cells) != len(asked):
             raise ValueError(f"cells has {len(cells)} entries for {len(asked)} rows: give one per row (None: the grid)")
-        self.grammars = [AnswerGrammar(a, *cell_range, cells=c) for a, c in zip(asked, cells)]
+        self.grammars = [AnswerGrammar(a, *cell_range, cells=c, style=answer_style) for a, c in zip(asked, cells)]
         self.eos = eos
         self.top_k = int(top_k)
         self.states: list[tuple[int, int, str, str] | None] = [g.start for g in self.grammars]

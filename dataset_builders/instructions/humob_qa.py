@@ -3,7 +3,8 @@
 One row per user (and, for the train split, optionally per earlier window of the same user): the system message explains
 the grid, the 30-minute slots and the record format; the user message lists the user's observed records ``d t x y`` of
 the input days, one per line, followed by the asked slots of the predicted days written ``d t 999 999``; the assistant
-message is compact JSON with one ``[d, t, x, y]`` entry per asked line, in the asked order.
+message is JSON with one ``[d, t, x, y]`` entry per asked line, in the asked order: compact by default, or with
+``json.dumps``'s default ``", "`` and ``": "`` separators (``answer_style="spaced"``; see :data:`ANSWER_STYLES`).
 
 ```text
 user:      Days 0-59 observed; predict days 60-74.
@@ -48,12 +49,14 @@ from ..publish import PreparedDataset, load_prepared, write_dataset
 from ..schema import HIDDEN_CELL, RowAccount
 
 __all__ = [
+    "ANSWER_STYLES",
     "HIDDEN_MARK",
     "HUMOB_QA_CONFIG",
     "SYSTEM_PROMPT",
     "SYSTEM_PROMPT_TEMPLATE",
     "HumobQAConfig",
     "answer_json",
+    "answer_separators",
     "build_humob_qa",
     "format_records",
     "parse_records",
@@ -96,6 +99,13 @@ def system_prompt(grid_size: int = 200, coordinate_base: int = 1, slots_per_day:
 
 SYSTEM_PROMPT = system_prompt(day0_weekday=0)  # the HuMob grid: 200 x 200 cells from 1, 48 slots, day 0 a Monday
 
+# How the answer JSON is spaced: `(item, key)` separators. "compact" writes the fewest characters, and with tokenizers
+# that split digits from spaces and punctuation (Llama-3) its cells are the same tokens as in the prompt's rows.
+# "spaced" is `json.dumps`' default; with a byte-level BPE that merges a leading space into numbers (` 121`, as one
+# trained on the corpus does) a cell of the answer is then the very token of the prompt's `d t x y` rows, which makes
+# copying a cell from the prompt a same-token lookup (measured on the demo city in the README).
+ANSWER_STYLES = {"compact": (",", ":"), "spaced": (", ", ": ")}
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # plain-Python reference helpers (the builder produces exactly these strings, vectorised)
@@ -114,10 +124,19 @@ def format_records(d, t, x, y) -> str:
     return "\n".join(f"{a} {b} {c} {e}" for a, b, c, e in zip(d.tolist(), t.tolist(), x.tolist(), y.tolist()))
 
 
-def answer_json(d, t, x, y) -> str:
-    """The assistant answer: compact JSON ``{"prediction":[[d,t,x,y],...]}`` without spaces."""
+def answer_separators(style: str = "compact") -> tuple[str, str]:
+    """The ``(item, key)`` separators of an answer style, as ``json.dumps(separators=...)`` takes them."""
+    try:
+        return ANSWER_STYLES[style]
+    except (KeyError, TypeError):
+        raise ValueError(f"answer_style must be one of {sorted(ANSWER_STYLES)}, got {style!r}") from None
+
+
+def answer_json(d, t, x, y, style: str = "compact") -> str:
+    """The assistant answer: JSON ``{"prediction":[[d,t,x,y],...]}`` without spaces (``style="compact"``) or
+    ``{"prediction": [[d, t, x, y], ...]}`` (``style="spaced"``)."""
     d, t, x, y = _ints(d, t, x, y)
-    return json.dumps({"prediction": np.stack([d, t, x, y], axis=1).tolist()}, separators=(",", ":"))
+    return json.dumps({"prediction": np.stack([d, t, x, y], axis=1).tolist()}, separators=answer_separators(style))
 
 
 def _days_text(lo: int, hi: int, capital: bool) -> str:
@@ -243,6 +262,10 @@ class HumobQAConfig:
             of reading the cells of its prompt; with the copies, reading the prompt is the only way to lower the loss.
             Keep 0 for a pretrained LLM on a real city, whose absolute positions carry meaning. Measured on the demo
             city in the README.
+        answer_style (`str`, *optional*, defaults to `"compact"`):
+            How the answer JSON is spaced (:data:`ANSWER_STYLES`): ``"compact"`` (``{"prediction":[[60,5,121,174]]}``)
+            or ``"spaced"`` (``{"prediction": [[60, 5, 121, 174]]}``). Recorded in the metadata; prediction reads it
+            there and constrains the answers to the same style.
         seed (`int`, *optional*, defaults to 0):
             Seeds the draw of the ``shifted_copies`` offsets; the build is deterministic for a given seed.
         batch_size (`int`, *optional*, defaults to 1000):
@@ -258,6 +281,7 @@ class HumobQAConfig:
     user_ranges: dict[str, tuple[int, int]] | None = None
     windows_per_user: int = 1
     shifted_copies: int = 0
+    answer_style: str = "compact"
     seed: int = 0
     batch_size: int = 1000
     num_proc: int | None = None
@@ -269,6 +293,7 @@ class HumobQAConfig:
             raise ValueError(f"input_days={self.input_days} overlap or follow predict_days={self.predict_days}; the "
                              "input days must end before the first predicted day")
         self.user_ranges = _user_ranges(self.user_ranges)
+        answer_separators(self.answer_style)
         for name, minimum in (("windows_per_user", 1), ("shifted_copies", 0), ("seed", 0), ("batch_size", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
@@ -375,8 +400,10 @@ def _list(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
 class _Context:
     """What the batch function needs: the system text, number strings, the token counter and the budget."""
 
-    def __init__(self, system: str, max_number: int, counter: _TokenCounter | None, budget: int | None):
+    def __init__(self, system: str, max_number: int, counter: _TokenCounter | None, budget: int | None,
+                 answer_style: str = "compact"):
         self.system = system
+        self.item_sep, self.key_sep = answer_separators(answer_style)
         self.numbers = pa.array([str(i) for i in range(max_number + 1)], pa.string())
         self.counter = counter
         self.budget = budget
@@ -530,9 +557,10 @@ def _render_batch(batch: pa.Table, ctx: _Context, answered: bool) -> pa.Table:
     if answered:
         ask_x, _ = _flat(batch.column("ask_x"))
         ask_y, _ = _flat(batch.column("ask_y"))
-        items = pc.binary_join_element_wise("[", s(ask_d), ",", s(ask_t), ",", s(ask_x), ",", s(ask_y), "]", "")
-        joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(ask_off.astype(np.int32)), items), ",")
-        answers = pc.binary_join_element_wise('{"prediction":[', joined, "]}", "")
+        sep = ctx.item_sep
+        items = pc.binary_join_element_wise("[", s(ask_d), sep, s(ask_t), sep, s(ask_x), sep, s(ask_y), "]", "")
+        joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(ask_off.astype(np.int32)), items), sep)
+        answers = pc.binary_join_element_wise('{"prediction"' + ctx.key_sep + "[", joined, "]}", "")
     else:
         answers = pa.array([""] * n, pa.string())
     system = pa.array([ctx.system] * n, pa.string())
@@ -877,7 +905,7 @@ def build_humob_qa(
     max_day = max([days.predict[1], HIDDEN_CELL, grid_size + base, slots]
                   + [int(pc.max(t.column("target_d").combine_chunks().flatten()).as_py() or 0)
                      for t in sources.values() if t.num_rows])
-    ctx = _Context(system, max_day, counter, config.max_input_tokens)
+    ctx = _Context(system, max_day, counter, config.max_input_tokens, config.answer_style)
 
     tables: dict[str, pa.Table] = {}
     summary: dict[str, Any] = {"rows": {}, "users": {}, "truncation": {}, "windows": {}, "tokens": {},
@@ -984,6 +1012,11 @@ def _shorten(text: str, head: int = 6, tail: int = 3) -> str:
     return "\n".join([*lines[:head], f"... ({len(lines) - head - tail} more lines)", *lines[-tail:]])
 
 
+def _answer_pattern(style: str) -> str:
+    item, key = answer_separators(style)
+    return '{"prediction"' + key + "[[" + item.join("dtxy") + "]" + item + "...]}"
+
+
 def _card(tables: dict[str, pa.Table], summary: dict, config: HumobQAConfig, system: str,
           account: RowAccount) -> str:
     (i0, i1), (p0, p1) = summary["input_days"], summary["predict_days"]
@@ -1000,8 +1033,8 @@ def _card(tables: dict[str, pa.Table], summary: dict, config: HumobQAConfig, sys
         f"Built by hf-mobility from the prepared grid dataset `{summary['source']}`: long-term trajectory prediction "
         "as question answering ([Llama-3-8B-Mob, arXiv 2410.23692](https://arxiv.org/abs/2410.23692)). Each row shows "
         f"a user's records of days {i0}-{i1} (`d t x y`, one per line) and asks the slots of days {p0}-{p1} "
-        f"(`d t {HIDDEN_MARK}`); the answer is compact JSON `{{\"prediction\":[[d,t,x,y],...]}}` with one entry per "
-        "asked line, in order.",
+        f"(`d t {HIDDEN_MARK}`); the answer is {config.answer_style} JSON `{_answer_pattern(config.answer_style)}` "
+        "with one entry per asked line, in order.",
         "",
         f"Load with `datasets.load_dataset(path, '{HUMOB_QA_CONFIG}')`. Columns: `uid`, `window` (0 = the real window; "
         "train rows of earlier windows count 1, 2, ...), `copy` (0 = the row as recorded; 1, 2, ... = shifted copies) "
