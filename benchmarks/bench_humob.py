@@ -71,7 +71,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.tables import print_table  # noqa: E402
 from dataset_builders.instructions.humob_qa import HumobQAConfig, build_humob_qa, parse_records  # noqa: E402
 from dataset_builders.preprocess import GridPreprocessConfig, prepare_grid  # noqa: E402
-from dataset_builders.publish import load_prepared  # noqa: E402
+from dataset_builders.publish import load_dataset_folder, load_prepared  # noqa: E402
 from dataset_builders.readers import read_dataset  # noqa: E402
 from dataset_builders.synthetic import synthesize_grid, write_yjmob  # noqa: E402
 from train.demo import (  # noqa: E402
@@ -109,9 +109,7 @@ def build_data(root: Path, seed: int = 0) -> dict[str, tuple[Path, Path]]:
 
 def load_rows(qa: Path, split: str | None = None) -> list[dict]:
     """The real-window (window 0), unshifted (copy 0) rows of a humob-qa folder: one split, or all splits in order."""
-    import datasets
-
-    ds = datasets.load_dataset(str(qa), "humob-qa")
+    ds = load_dataset_folder(qa, "humob-qa")
     rows = []
     for name in [split] if split else list(ds):
         rows += [r for r in ds[name] if int(r["window"]) == 0 and int(r.get("copy", 0)) == 0]

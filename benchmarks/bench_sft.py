@@ -98,12 +98,12 @@ def synthetic_instructions(rows: int, seed: int = 0, num_locations: int = 500):
 
 def _time_predictions(run: Path, instructions: Path, n: int) -> list[tuple[str, str]]:
     """Evaluation speed: predictions/s of constrained beam search (batch 32, 20 beams), both decoders."""
-    from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dataset_builders.publish import load_dataset_folder
     from tokenization_mobility import rank_locations, rank_locations_cached
 
-    split = load_dataset(str(instructions), "next", split="train")
+    split = load_dataset_folder(instructions, "next", split="train")
     prompts = split.select(range(min(n, len(split))))["prompt"]
     tok = AutoTokenizer.from_pretrained(run / "tokenizer", trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(run / "model").eval()

@@ -25,7 +25,7 @@ import yaml
 from .preprocess import PreparedCheckins, PreparedGrid
 from .schema import RowAccount
 
-__all__ = ["PreparedDataset", "load_prepared", "replace_folder", "write_dataset", "write_prepared"]
+__all__ = ["PreparedDataset", "load_dataset_folder", "load_prepared", "replace_folder", "write_dataset", "write_prepared"]
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +238,30 @@ class PreparedDataset:
 
     def splits(self, config: str) -> list[str]:
         return sorted({p.name.split("-")[0] for p in (self.path / "data" / config).glob("*.parquet")})
+
+
+def load_dataset_folder(path: str | os.PathLike, config: str | None = None, split: str | None = None, **kwargs):
+    """`datasets.load_dataset(path, config, split=split)` whose cache cannot serve another folder's rows.
+
+    `datasets` (5.x) caches a local dataset folder under its base name and a hash of its card's `configs:` and
+    `dataset_info:` entries, neither of which names the folder or its files' contents: two folders with the same name
+    and equal split sizes (every run's `instructions/` copy, or a folder rebuilt with other settings) share one cache
+    entry, and the second load silently returns the first folder's rows. For a local folder this resolves the card's
+    data files and loads them with their packaged builder (`parquet`, ...), whose cache is keyed by the files' paths and
+    modification times; a Hub id goes to `load_dataset` as it is.
+
+    Raises:
+        `ValueError`: as `load_dataset` does for an unknown config or split.
+    """
+    import datasets
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return datasets.load_dataset(str(path), config, split=split, **kwargs)
+    builder = datasets.load_dataset_builder(str(folder), config)
+    module = type(builder).__module__.rsplit(".", 1)[-1]  # the packaged builder: parquet, json, csv, arrow, ...
+    data_files = {name: list(files) for name, files in builder.config.data_files.items()}
+    return datasets.load_dataset(module, data_files=data_files, split=split, features=builder.info.features, **kwargs)
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedDataset:

@@ -15,7 +15,7 @@ from dataset_builders.preprocess import (
     prepare_checkins,
     prepare_grid,
 )
-from dataset_builders.publish import load_prepared, write_dataset, write_prepared
+from dataset_builders.publish import load_dataset_folder, load_prepared, write_dataset, write_prepared
 from dataset_builders.readers.base import LoadedCheckins, LoadedGrid
 from dataset_builders.schema import RowAccount
 
@@ -215,6 +215,29 @@ def test_publish_grid_roundtrip(tmp_path):
     assert set(load_dataset(str(plain), "samples")) == {"train", "validation", "test"}
     assert "hidden" in load_prepared(plain).splits("samples")
     assert load_prepared(plain).table("samples", "hidden").num_rows == 0
+
+
+def test_load_dataset_folder_never_serves_another_folders_rows(tmp_path):
+    import pyarrow as pa
+
+    def write(folder, value):
+        return write_dataset(folder, {"rows": {"train": pa.table({"v": [value]}), "test": pa.table({"v": [0]})}},
+                             pretty_name="t")
+
+    # two folders with the same name and equal split sizes (as every run's instructions/ copy): datasets 5.2's
+    # load_dataset gives both the rows of whichever was loaded first
+    a, b = write(tmp_path / "a" / "instructions", 1), write(tmp_path / "b" / "instructions", 2)
+    load_dataset(str(a), "rows", split="train")
+    assert list(load_dataset_folder(a, "rows", split="train")["v"]) == [1]
+    assert list(load_dataset_folder(b, "rows", split="train")["v"]) == [2]
+    write(a, 3)  # rebuilt in place with other rows of the same size
+    assert list(load_dataset_folder(a, "rows", split="train")["v"]) == [3]
+    ds = load_dataset_folder(b, "rows")
+    assert set(ds) == {"train", "test"} and list(ds["train"]["v"]) == [2]
+    with pytest.raises(ValueError, match="nope"):
+        load_dataset_folder(a, "nope")
+    with pytest.raises(ValueError, match="Unknown split"):
+        load_dataset_folder(a, "rows", split="validation")
 
 
 def test_write_dataset_is_atomic_and_refuses_foreign_folders(tmp_path):

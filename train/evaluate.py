@@ -487,10 +487,10 @@ def evaluate_run(
     import json
 
     import torch
-    from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import tokenization_mobility
+    from dataset_builders.publish import load_dataset_folder
 
     from .metrics import ranks_from_topk
 
@@ -507,7 +507,7 @@ def evaluate_run(
     instructions = instructions or info.get("instructions")
     if not instructions:
         raise ValueError(f"{info_file} names no instruction dataset; pass --instructions")
-    rows = load_dataset(str(instructions), "next", split=split)
+    rows = load_dataset_folder(instructions, "next", split=split)
     if max_samples is not None:
         rows = rows.select(range(min(max_samples, len(rows))))
     slices = sample_slices(data, split, rows["sample_id"], slice_by)  # before the model: a bad column fails fast

@@ -40,7 +40,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dataset_builders.publish import PreparedDataset, load_prepared
+from dataset_builders.publish import PreparedDataset, load_dataset_folder, load_prepared
 from dataset_builders.schema import HIDDEN_CELL
 
 from .baselines import slot_mode_predictions
@@ -792,7 +792,7 @@ def _load_instruction_prompts(instructions, split: str) -> tuple[dict[int, Any],
             raise ValueError(f"{where} has no {HUMOB_CONFIG!r} config and several others ({', '.join(names)}); "
                              "build the Q&A rows with `mobility data instructions --task humob-qa`")
         try:
-            rows = datasets.load_dataset(where, config, split=split)
+            rows = load_dataset_folder(where, config, split=split)
         except ValueError as err:
             raise ValueError(f"{where} (config {config!r}) has no split {split!r}: {err}") from None
         where = f"{where} (config {config!r}, split {split!r})"

@@ -273,14 +273,16 @@ def parse_recipe(argv: list[str] | None = None) -> SFTRecipe:
 
 
 def _load_instructions(recipe: SFTRecipe, num_processes: int = 1):
-    from datasets import concatenate_datasets, load_dataset
+    from datasets import concatenate_datasets
+
+    from dataset_builders.publish import load_dataset_folder
 
     if not recipe.instructions:
         raise ValueError("`instructions` (the instruction dataset folder) must be set, got None")
     parts, counts = [], {}
     for task in recipe.tasks:
         try:
-            ds = load_dataset(str(recipe.instructions), task)
+            ds = load_dataset_folder(recipe.instructions, task)
         except ValueError as err:
             raise ValueError(f"`instructions` {recipe.instructions} has no task config {task!r}: {err}") from None
         if "train" not in ds:
@@ -306,7 +308,7 @@ def _load_instructions(recipe: SFTRecipe, num_processes: int = 1):
     eval_ds = None
     if recipe.eval_samples > 0:
         eval_task = "next" if "next" in recipe.tasks else recipe.tasks[0]
-        ds = load_dataset(str(recipe.instructions), eval_task)
+        ds = load_dataset_folder(recipe.instructions, eval_task)
         if "validation" in ds:
             val = ds["validation"].select_columns(["prompt", "completion"]).shuffle(seed=recipe.seed)
             eval_ds = val.select(range(min(recipe.eval_samples, val.num_rows)))
