@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -248,7 +249,8 @@ def load_dataset_folder(path: str | os.PathLike, config: str | None = None, spli
     and equal split sizes (every run's `instructions/` copy, or a folder rebuilt with other settings) share one cache
     entry, and the second load silently returns the first folder's rows. For a local folder this resolves the card's
     data files and loads them with their packaged builder (`parquet`, ...), whose cache is keyed by the files' paths and
-    modification times; a Hub id goes to `load_dataset` as it is.
+    modification times; a Hub id goes to `load_dataset` as it is. With a `split`, only that split's files are read (a
+    prediction on the test split does not convert the training rows first).
 
     Raises:
         `ValueError`: as `load_dataset` does for an unknown config or split.
@@ -261,7 +263,13 @@ def load_dataset_folder(path: str | os.PathLike, config: str | None = None, spli
     builder = datasets.load_dataset_builder(str(folder), config)
     module = type(builder).__module__.rsplit(".", 1)[-1]  # the packaged builder: parquet, json, csv, arrow, ...
     data_files = {name: list(files) for name, files in builder.config.data_files.items()}
-    return datasets.load_dataset(module, data_files=data_files, split=split, features=builder.info.features, **kwargs)
+    if split is not None:
+        name = re.match(r"[\w.-]*", str(split)).group(0)  # a slice such as "train[:10]" reads the train files
+        if name not in data_files:
+            raise ValueError(f'Unknown split "{name}" of {folder} (config {builder.config.name!r}). Should be one of '
+                             f"{list(data_files)}.")
+        data_files = {name: data_files[name]}
+    return datasets.load_dataset(module, data_files=data_files, split=split, **kwargs)
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedDataset:
