@@ -128,7 +128,7 @@ def test_demo_writes_report_and_plots(tmp_path, monkeypatch, offline_home):
     assert "## Llama-3-8B-Mob" in report and "Second city" in report and "sft/llamamob/training_curve.png" in report
     qa = json.loads((tmp_path / "demo" / "humob_qa" / "hf_mobility.json").read_text())  # trained on shifted copies
     assert qa["shifted_copies"]["train"]["per_row"] == LLAMAMOB_SHIFTED_COPIES
-    assert qa["config"]["answer_style"] == LLAMAMOB_ANSWER_STYLE
+    assert qa["config"]["answer_style"] == LLAMAMOB_ANSWER_STYLE and f"--answer-style {LLAMAMOB_ANSWER_STYLE}" in report
     assert qa["rows"]["train"] == (LLAMAMOB_SHIFTED_COPIES + 1) * qa["shifted_copies"]["train"]["rows"] // (
         LLAMAMOB_SHIFTED_COPIES)
     assert (tmp_path / "demo" / "sft" / "llamamob" / "training_curve.png").stat().st_size > 10_000

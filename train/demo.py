@@ -516,6 +516,12 @@ def run_llamamob_demo(
             "instructions": qa}
 
 
+def _example_answer() -> str:
+    from dataset_builders.instructions.humob_qa import answer_json
+
+    return answer_json([60, 60], [5, 6], [121, 121], [174, 175], style=LLAMAMOB_ANSWER_STYLE)
+
+
 def _llamamob_lines(result: dict, out: Path) -> list[str]:
     """The Llama-3-8B-Mob section of the report: the table, the verdict against slot-mode, repairs, cross-city."""
     from .evaluate import format_results_table
@@ -533,7 +539,9 @@ def _llamamob_lines(result: dict, out: Path) -> list[str]:
         f"{LLAMAMOB_PREDICT_DAYS[1]} asked (the paper: 60 days in, 15 out, Llama-3-8B-Instruct with LoRA), "
         f"{LLAMAMOB_WINDOWS} windows per training user, each with {LLAMAMOB_SHIFTED_COPIES} shifted copies (`mobility "
         "data instructions --shifted-copies`: all the cells of a copy move by one random offset on the grid, so the "
-        "model cannot learn the training users' places by heart and learns to read them from its prompt). "
+        "model cannot learn the training users' places by heart and learns to read them from its prompt), answers "
+        f"written {LLAMAMOB_ANSWER_STYLE} (`--answer-style {LLAMAMOB_ANSWER_STYLE}`: `{_example_answer()}`; in the "
+        "spaced style a cell is the same token in the prompt's rows and in the answer). "
         "Predictions are batched greedy generations under the answer "
         "grammar (hf-mobility's default: the model writes only the cells of the asked slots, in the asked order, on "
         "the grid, so every score below is the model's own; `mobility predict --free-decoding` decodes freely as the "
