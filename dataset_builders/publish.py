@@ -26,7 +26,14 @@ import yaml
 from .preprocess import PreparedCheckins, PreparedGrid
 from .schema import RowAccount
 
-__all__ = ["PreparedDataset", "load_dataset_folder", "load_prepared", "replace_folder", "write_dataset", "write_prepared"]
+__all__ = [
+    "PreparedDataset",
+    "load_dataset_folder",
+    "load_prepared",
+    "replace_folder",
+    "write_dataset",
+    "write_prepared",
+]
 
 logger = logging.getLogger(__name__)
 

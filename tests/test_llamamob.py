@@ -44,7 +44,8 @@ def test_run_folder_holds_a_chat_model_and_its_instructions(trained):
     assert info["method"] == "llamamob-sft" and info["tasks"] == ["humob-qa"] and info["global_step"] == 4
     assert "location_tokenizer" not in info and "location_format" not in info
     qa = json.loads((trained / "qa" / "hf_mobility.json").read_text())  # --shifted-copies 1 --seed 3 reached the build
-    assert qa["config"]["shifted_copies"] == 1 and qa["config"]["seed"] == 3 and qa["config"]["answer_style"] == "spaced"
+    assert qa["config"]["shifted_copies"] == 1 and qa["config"]["seed"] == 3
+    assert qa["config"]["answer_style"] == "spaced"
     assert qa["shifted_copies"]["train"]["rows"] == qa["rows"]["train"] // 2 > 0
     config = json.loads((run / "model" / "config.json").read_text())
     assert config["num_key_value_heads"] == 1 and config["num_attention_heads"] == 4  # the recipe's GQA

@@ -329,9 +329,9 @@ LLAMAMOB_INPUT_DAYS = (56, 59)
 LLAMAMOB_PREDICT_DAYS = (60, 61)
 LLAMAMOB_WINDOWS = 8  # training rows per user (earlier windows of the same length)
 LLAMAMOB_SHIFTED_COPIES = 4  # copies of each training row with its cells moved on the grid (`--shifted-copies`)
-# `--answer-style spaced`: the demo's BPE merges a leading space into numbers, so a cell is the same token (` 121`) in the
-# prompt's rows and in a spaced answer; in a compact answer (`,121`) it is another token, and copying it across the two
-# forms failed (the model wrote the x of a cell again as its y)
+# `--answer-style spaced`: the demo's BPE merges a leading space into numbers, so a cell is the same token (` 121`) in
+# the prompt's rows and in a spaced answer; in a compact answer (`,121`) it is another token, and copying it across the
+# two forms works worse (measured in the recipe's header)
 LLAMAMOB_ANSWER_STYLE = "spaced"
 LLAMAMOB_USER_FRACTIONS = (0.7, 0.1, 0.2)  # more test users than the default 10% of a 200-user city
 LLAMAMOB_ORACLE_DAYS = 700  # further simulated days of the same people behind the habit oracle

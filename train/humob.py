@@ -457,9 +457,9 @@ def answer_token_budget(
 ) -> int:
     """A `max_new_tokens` that fits a JSON answer with `num_asked` rows.
 
-    Measures the token length of `{"prediction":[[d,t,x,y],...]}` (in `answer_style`) with `num_asked` rows of 3-digit days, 2-digit
-    slots and cells with as many digits as `grid_size` (values spread over the range, since BPE splits numbers
-    unevenly), then adds `margin` (a fraction) and `extra_tokens` (end of sequence, a little slack). A free-text
+    Measures the token length of `{"prediction":[[d,t,x,y],...]}` (in `answer_style`) with `num_asked` rows of 3-digit
+    days, 2-digit slots and cells with as many digits as `grid_size` (values spread over the range, since BPE splits
+    numbers unevenly), then adds `margin` (a fraction) and `extra_tokens` (end of sequence, a little slack). A free-text
     `"reason"` field is not budgeted.
 
     Args:

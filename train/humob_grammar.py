@@ -2,13 +2,14 @@
 
 A Q&A prompt asks a known list of (d, t) slots, so the answer has a known shape: the JSON
 `{"prediction":[[d1,t1,x1,y1],[d2,t2,x2,y2],...]}` (or, in the `"spaced"` answer style, `{"prediction": [[d1, t1, x1,
-y1], ...]}`) with the asked (d, t) in the asked order and only the cells `x, y` left to the model. [`AnswerGrammar`] is a character-level automaton of that string for one prompt (cells are integers
-in `lo..hi` without leading zeros); [`HumobAnswerLogitsProcessor`] makes greedy generation follow it: at every step
-each row takes its highest-scoring token whose text keeps the answer on the grammar (the model's own top token almost
-always: it writes the scaffold the way it learnt to tokenise it), and an end-of-sequence token once the answer is
-complete. The model still chooses every cell; it can no longer skip, repeat or invent slots, write a cell off the grid
-or stop early, so every asked slot is answered by the model (unless the token budget runs out first). With `cells`,
-the model chooses among those cells only (e.g. the cells of the person's records in the prompt).
+y1], ...]}`) with the asked (d, t) in the asked order and only the cells `x, y` left to the model. [`AnswerGrammar`]
+is a character-level automaton of that string for one prompt (cells are integers in `lo..hi` without leading zeros);
+[`HumobAnswerLogitsProcessor`] makes greedy generation follow it: at every step each row takes its highest-scoring
+token whose text keeps the answer on the grammar (the model's own top token almost always: it writes the scaffold the
+way it learnt to tokenise it), and an end-of-sequence token once the answer is complete. The model still chooses every
+cell; it can no longer skip, repeat or invent slots, write a cell off the grid or stop early, so every asked slot is
+answered by the model (unless the token budget runs out first). With `cells`, the model chooses among those cells only
+(e.g. the cells of the person's records in the prompt).
 
 ```python
 from transformers import LogitsProcessorList
@@ -46,10 +47,10 @@ class AnswerGrammar:
 
     The answer is `{"prediction":[` + `[d,t,X,Y]` per asked slot joined by `,` + `]}`, where `d, t` are the asked
     values (fixed text) and `X, Y` integer fields in `lo..hi`; in the `"spaced"` style every `,` and `:` is followed
-    by a space (`{"prediction": [[d, t, X, Y], ...]}`, see `dataset_builders.instructions.humob_qa.ANSWER_STYLES`). A state is `(segment, position, digits, x)`: the index
-    of the current segment (fixed text or a number field), the position inside fixed text, the digits written so far
-    in a number field, and the `X` of the current slot once written. States are plain tuples, so a caller can keep one
-    per sequence.
+    by a space (`{"prediction": [[d, t, X, Y], ...]}`, see `dataset_builders.instructions.humob_qa.ANSWER_STYLES`).
+    A state is `(segment, position, digits, x)`: the index of the current segment (fixed text or a number field), the
+    position inside fixed text, the digits written so far in a number field, and the `X` of the current slot once
+    written. States are plain tuples, so a caller can keep one per sequence.
 
     Every token a decoder takes writes at least one character, so an answer takes at most `max_length` tokens
     (the length of the longest answer, every cell with the most digits) plus the end-of-sequence token.
