@@ -763,13 +763,11 @@ def _instruction_answer_style(instructions, rows) -> tuple[str | None, str]:
                 if style is not None:
                     return style, "its answers"
     if isinstance(instructions, (str, os.PathLike)):
-        meta = Path(instructions) / "hf_mobility.json"
-        try:
-            style = json.loads(meta.read_text(encoding="utf-8"))["config"]["answer_style"]
-        except (OSError, ValueError, KeyError, TypeError):
-            style = None
+        from dataset_builders.instructions.humob_qa import built_config
+
+        style = (built_config(instructions) or {}).get("answer_style")
         if style is not None:
-            return str(style), str(meta)
+            return str(style), "the config it was built with"
     return None, ""
 
 

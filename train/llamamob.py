@@ -164,11 +164,11 @@ def evaluate_llamamob_run(
 def run_input_days(run_dir: str | os.PathLike) -> tuple[int, int] | None:
     """The input days `(first, last)` of the humob-qa prompts a run was trained on (its `instructions/` metadata), or
     `None` when the run does not record them."""
-    meta = Path(run_dir) / "instructions" / "hf_mobility.json"
+    from dataset_builders.instructions.humob_qa import built_config
+
     try:
-        days = json.loads(meta.read_text(encoding="utf-8"))["config"]["input_days"]
-        first, last = (int(v) for v in days)
-    except (OSError, ValueError, KeyError, TypeError):
+        first, last = (int(v) for v in (built_config(Path(run_dir) / "instructions") or {})["input_days"])
+    except (KeyError, TypeError, ValueError):
         return None
     return first, last
 

@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..preprocess import SPLITS, PreparedGrid
-from ..publish import PreparedDataset, load_prepared, write_dataset
+from ..publish import METADATA_FILE, PreparedDataset, load_prepared, write_dataset
 from ..schema import HIDDEN_CELL, RowAccount
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "answer_json",
     "answer_separators",
     "build_humob_qa",
+    "built_config",
     "format_records",
     "parse_records",
     "system_prompt",
@@ -180,6 +181,16 @@ def parse_records(text: str) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # configuration
+
+
+def built_config(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The :class:`HumobQAConfig` fields a humob-qa folder was built with (``config`` of its ``hf_mobility.json``), or
+    ``None`` when the folder does not record them (not a local build of :func:`build_humob_qa`)."""
+    try:
+        config = json.loads((Path(folder) / METADATA_FILE).read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def _day_range(name: str, value) -> tuple[int, int] | None:
