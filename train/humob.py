@@ -744,11 +744,11 @@ def _few(values, k: int = 5) -> str:
 def answer_style_of(answer: str) -> str | None:
     """The answer style (`"compact"` or `"spaced"`) a model answer or training answer is written in, from how it opens
     (`{"prediction":[` or `{"prediction": [`); `None` for anything else."""
-    from dataset_builders.instructions.humob_qa import ANSWER_STYLES
+    from dataset_builders.instructions.humob_qa import ANSWER_STYLES, answer_opening
 
     text = answer.lstrip() if isinstance(answer, str) else ""
-    for style, (_, key) in ANSWER_STYLES.items():
-        if text.startswith('{"prediction"' + key + "["):
+    for style in ANSWER_STYLES:
+        if text.startswith(answer_opening(style)):
             return style
     return None
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from transformers import LogitsProcessor
 
-from dataset_builders.instructions.humob_qa import answer_separators
+from dataset_builders.instructions.humob_qa import answer_opening, answer_separators
 
 __all__ = ["AnswerGrammar", "HumobAnswerLogitsProcessor", "TokenTexts"]
 
@@ -80,11 +80,11 @@ class AnswerGrammar:
             raise ValueError(f"the cell range must satisfy 0 <= lo <= hi, got lo={lo}, hi={hi}")
         self.lo, self.hi = lo, hi
         self.style = style
-        sep, key = answer_separators(style)
+        sep = answer_separators(style)[0]
         self.max_digits = len(str(hi))
         segments: list[str | None] = []  # str: fixed text; None: a cell number
         for k, (d, t) in enumerate(asked.tolist()):
-            start = '{"prediction"' + key + "[[" if k == 0 else "]" + sep + "["
+            start = answer_opening(style) + "[" if k == 0 else "]" + sep + "["
             segments += [f"{start}{d}{sep}{t}{sep}", None, sep, None]
         segments.append("]]}")
         self.segments = segments

@@ -56,6 +56,7 @@ __all__ = [
     "SYSTEM_PROMPT_TEMPLATE",
     "HumobQAConfig",
     "answer_json",
+    "answer_opening",
     "answer_separators",
     "build_humob_qa",
     "built_config",
@@ -131,6 +132,11 @@ def answer_separators(style: str = "compact") -> tuple[str, str]:
         return ANSWER_STYLES[style]
     except (KeyError, TypeError):
         raise ValueError(f"answer_style must be one of {sorted(ANSWER_STYLES)}, got {style!r}") from None
+
+
+def answer_opening(style: str = "compact") -> str:
+    """How an answer in ``style`` begins, up to its list of entries: ``{"prediction":[`` or ``{"prediction": [``."""
+    return '{"prediction"' + answer_separators(style)[1] + "["
 
 
 def answer_json(d, t, x, y, style: str = "compact") -> str:
@@ -414,7 +420,8 @@ class _Context:
     def __init__(self, system: str, max_number: int, counter: _TokenCounter | None, budget: int | None,
                  answer_style: str = "compact"):
         self.system = system
-        self.item_sep, self.key_sep = answer_separators(answer_style)
+        self.item_sep = answer_separators(answer_style)[0]
+        self.opening = answer_opening(answer_style)
         self.numbers = pa.array([str(i) for i in range(max_number + 1)], pa.string())
         self.counter = counter
         self.budget = budget
@@ -571,7 +578,7 @@ def _render_batch(batch: pa.Table, ctx: _Context, answered: bool) -> pa.Table:
         sep = ctx.item_sep
         items = pc.binary_join_element_wise("[", s(ask_d), sep, s(ask_t), sep, s(ask_x), sep, s(ask_y), "]", "")
         joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(ask_off.astype(np.int32)), items), sep)
-        answers = pc.binary_join_element_wise('{"prediction"' + ctx.key_sep + "[", joined, "]}", "")
+        answers = pc.binary_join_element_wise(ctx.opening, joined, "]}", "")
     else:
         answers = pa.array([""] * n, pa.string())
     system = pa.array([ctx.system] * n, pa.string())
@@ -1024,8 +1031,8 @@ def _shorten(text: str, head: int = 6, tail: int = 3) -> str:
 
 
 def _answer_pattern(style: str) -> str:
-    item, key = answer_separators(style)
-    return '{"prediction"' + key + "[[" + item.join("dtxy") + "]" + item + "...]}"
+    item = answer_separators(style)[0]
+    return answer_opening(style) + "[" + item.join("dtxy") + "]" + item + "...]}"
 
 
 def _card(tables: dict[str, pa.Table], summary: dict, config: HumobQAConfig, system: str,
