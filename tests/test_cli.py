@@ -98,6 +98,32 @@ def test_wrong_format_name_is_rejected(capsys):
     assert "invalid choice: 'geolife'" in capsys.readouterr().err
 
 
+def test_quiet_hides_the_progress_bars_of_recipe_scripts(monkeypatch):
+    from types import SimpleNamespace
+
+    import train.calliper
+    import train.sft
+
+    seen = {}
+
+    def stub(name, result):
+        def script_main(argv):
+            seen[name] = argv
+            return result
+        return script_main
+
+    monkeypatch.setattr(train.sft, "main", stub("sft", "runs/x"))
+    monkeypatch.setattr(train.calliper, "main", stub("calliper", SimpleNamespace(output_dir="runs/c")))
+    assert main(["-q", "train", "sft", "--config", "r.yaml"]) == 0
+    assert seen.pop("sft") == ["--config", "r.yaml", "--progress", "false"]
+    assert main(["-q", "train", "sft", "--config", "r.yaml", "--progress", "true"]) == 0  # the user's choice stays
+    assert seen.pop("sft") == ["--config", "r.yaml", "--progress", "true"]
+    assert main(["train", "sft", "--config", "r.yaml"]) == 0
+    assert seen.pop("sft") == ["--config", "r.yaml"]
+    assert main(["-q", "train", "calliper", "--data", "d"]) == 0
+    assert seen.pop("calliper") == ["--data", "d", "--no-progress"]
+
+
 def test_every_command_has_help():
     parser = build_parser()
     commands = [

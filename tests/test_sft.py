@@ -157,6 +157,36 @@ def test_resume_continues_from_checkpoint(toy, tmp_path):
     assert info["resumed_from"].endswith("checkpoint-4") and info["global_step"] == 8
 
 
+def test_progress_false_prints_neither_the_bar_nor_the_loss_lines(toy, tmp_path, capfd):
+    from train.cli import _library_progress_bars
+
+    with _library_progress_bars(False):  # what `mobility -q train sft` runs under
+        out = run_sft(_recipe(toy, tmp_path / "run", max_steps=3, logging_steps=1, progress=False))
+    printed = capfd.readouterr()
+    assert "'loss'" not in printed.out + printed.err, printed
+    assert "it/s" not in printed.err and "s/it" not in printed.err, printed.err
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3]  # the history is still kept
+
+
+def test_rows_over_max_length_are_dropped_and_counted_not_truncated(toy, tmp_path):
+    # 40 training rows, the first 6 with prompts far over max_length: truncation would cut their answers off
+    rows = _rows(40, 7, "next").to_pydict()
+    rows["prompt"][:6] = [p + " and also likes " * 40 for p in rows["prompt"][:6]]
+    configs = {"next": {"train": pa.table(rows), "validation": _rows(8, 8, "next")}}
+    write_dataset(tmp_path / "instructions", configs, card_body="toy instructions with long rows")
+    recipe = _recipe(toy, tmp_path / "run", instructions=str(tmp_path / "instructions"), max_steps=2,
+                     per_device_train_batch_size=20, eval_samples=8, eval_steps=2)
+    info = json.loads((run_sft(recipe) / "run_info.json").read_text())
+    assert info["rows_over_max_length"] == {"train": 6, "eval": 0}
+    assert info["train_rows"] == 34 and info["eval_rows"] == 8
+    rows["prompt"] = [p + " and also likes " * 40 for p in rows["prompt"]]
+    write_dataset(tmp_path / "all_long", {"next": {"train": pa.table(rows)}}, card_body="every row too long")
+    with pytest.raises(ValueError, match="all 40 training rows are longer than max_length=64"):
+        run_sft(_recipe(toy, tmp_path / "run2", instructions=str(tmp_path / "all_long"), max_steps=2,
+                        per_device_train_batch_size=20))
+
+
 def test_recipe_yaml_and_cli_overrides(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text("instructions: data/instr\nlearning_rate: 2e-4\nmax_length: null\nbf16: false\n"

@@ -738,12 +738,17 @@ def _demo(args) -> None:
                       llamamob_steps=args.llamamob_steps, nextlocmoe=not args.no_nextlocmoe,
                       nextlocmoe_samples=args.nextlocmoe_samples, m3ob=not args.no_m3ob, m3ob_epochs=args.m3ob_epochs,
                       m3ob_activity_model=None if str(args.m3ob_activity_model).lower() in ("", "none")
-                      else args.m3ob_activity_model, qtmob_smollm_steps=args.qtmob_smollm_steps)
+                      else args.m3ob_activity_model, qtmob_smollm_steps=args.qtmob_smollm_steps,
+                      progress=not args.quiet)
     print(report.read_text(encoding="utf-8"))
     print(f"\nreport: {report}")
 
 
 RECIPE_COMMANDS = ("sft", "calliper", "mhsa", "nextlocmoe", "m3ob")
+# how each recipe script is told to hide its progress bars when `mobility -q` runs it
+QUIET_RECIPE_OPTIONS = {"sft": ["--progress", "false"], "mhsa": ["--progress", "false"],
+                        "nextlocmoe": ["--progress", "false"], "m3ob": ["--progress", "false"],
+                        "calliper": ["--no-progress"]}
 
 
 @contextlib.contextmanager
@@ -792,6 +797,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "train_command", None) in RECIPE_COMMANDS or getattr(args, "data_command", None) == "kg":
         args.recipe_args = recipe_args
+        quiet_options = QUIET_RECIPE_OPTIONS.get(getattr(args, "train_command", None), [])
+        if args.quiet and not any(a.split("=")[0] in ("--progress", "--no-progress") for a in recipe_args):
+            args.recipe_args = recipe_args + quiet_options
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

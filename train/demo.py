@@ -44,6 +44,7 @@ def run_qtmob_demo(
     eval_samples: int | None = 500,
     seed: int = 0,
     recipe: str | os.PathLike = DEMO_RECIPE,
+    progress: bool = True,
 ) -> dict:
     """QT-Mob end to end on a prepared check-in dataset: instructions -> SFT -> constrained evaluation, per variant.
 
@@ -57,6 +58,7 @@ def run_qtmob_demo(
         eval_samples: score the first ``eval_samples`` test samples (`None`: all).
         seed: seed of the instructions and the training runs.
         recipe: the SFT recipe (default ``train/recipes/qtmob_demo.yaml``).
+        progress: show the trainers' progress bars.
 
     Returns:
         `dict`: ``{"report": metrics report with every variant and the baselines on the same samples, "runs": {name:
@@ -87,7 +89,8 @@ def run_qtmob_demo(
         t0 = time.time()
         overrides = {"max_steps": max_steps} if max_steps is not None else {}
         run_recipe = load_recipe(recipe, instructions=str(instructions[fmt]), location_tokenizer=None,
-                                 tasks=list(tasks), output_dir=str(out / "sft" / name), seed=seed, **overrides)
+                                 tasks=list(tasks), output_dir=str(out / "sft" / name), seed=seed,
+                                 progress=progress, **overrides)
         logger.info("training %s (%s, tasks %s)", name, fmt, ",".join(tasks))
         run = run_sft(run_recipe)
         report = evaluate_run(run, data_dir, max_samples=eval_samples)
@@ -115,11 +118,13 @@ def run_qtmob_smollm_demo(
     eval_samples: int = 50,
     num_beams: int = 10,
     seed: int = 0,
+    progress: bool = True,
 ) -> dict:
     """Does language pretraining help QT-Mob at demo compute? LoRA on the offline SmolLM2-135M-Instruct
     (`train/recipes/qtmob_smollm.yaml`, `max_steps` steps) on the demo's multi-task instructions, and the tiny
     from-scratch demo model `tiny_run`, both scored on the same first `eval_samples` test samples with `num_beams`
-    beams, with their wall-clock costs. The tiny run's own metrics and card are left as they are.
+    beams, with their wall-clock costs. The tiny run's own metrics and card are left as they are. ``progress=False``
+    hides the Trainer's progress bar.
 
     Returns:
         `dict`: `{"report" (both models and the baselines), "runs", "train_seconds", "eval_seconds", "steps",
@@ -134,7 +139,7 @@ def run_qtmob_smollm_demo(
     tiny_run = Path(tiny_run)
     recipe = load_recipe(QTMOB_SMOLLM_RECIPE, instructions=str(out / "instructions"), location_tokenizer=None,
                          output_dir=str(out / "sft" / "qtmob-smollm2"), max_steps=max_steps, seed=seed,
-                         eval_samples=0, logging_steps=max(1, max_steps // 4))  # Trainer time = training steps
+                         eval_samples=0, logging_steps=max(1, max_steps // 4), progress=progress)  # Trainer time = training steps
     logger.info("QT-Mob on SmolLM2-135M-Instruct (LoRA, %d steps)", max_steps)
     t0 = time.time()
     run = run_sft(recipe)
@@ -468,7 +473,7 @@ def run_llamamob_demo(
                                 LLAMAMOB_SHIFTED_COPIES)
     overrides = {"max_steps": max_steps} if max_steps is not None else {}
     recipe = load_recipe(LLAMAMOB_RECIPE, instructions=str(qa), output_dir=str(out / "sft" / "llamamob"), seed=seed,
-                         **overrides)
+                         progress=progress, **overrides)
     run = run_sft(recipe)
     seconds["training"] = time.time() - t0
     t0 = time.time()
@@ -1208,6 +1213,7 @@ def run_demo(
     m3ob_variants: tuple | None = None,
     m3ob_activity_model: str | None = "smollm2-135m-instruct",
     qtmob_smollm_steps: int = 12,
+    progress: bool = True,
 ) -> Path:
     """Run the demo into ``out_dir`` and return the path of ``report.md``.
 
@@ -1220,7 +1226,7 @@ def run_demo(
     full model and ablations); ``m3ob_epochs`` overrides its epochs, ``m3ob_variants`` the runs (default
     :data:`M3OB_VARIANTS`), and ``m3ob_activity_model`` the LLM whose activity mapping is compared with MiniLM's
     (``None`` skips that comparison). ``qtmob_smollm_steps`` caps the QT-Mob run on SmolLM2-135M-Instruct compared with
-    the tiny base (0 skips it).
+    the tiny base (0 skips it). ``progress=False`` hides the trainers' progress bars (`mobility -q demo`).
     """
     from dataset_builders.preprocess import prepare_checkins, prepare_grid
     from dataset_builders.publish import write_prepared
@@ -1263,13 +1269,14 @@ def run_demo(
         from dataset_builders.preprocess import CheckinPreprocessConfig
 
         logger.info("CaLLiPer + MHSA, conventional split")
-        calliper_result = run_calliper_demo(data_dir, out / "calliper_mhsa", seed=seed, max_epochs=mhsa_epochs)
+        calliper_result = run_calliper_demo(data_dir, out / "calliper_mhsa", seed=seed, max_epochs=mhsa_epochs,
+                                            progress=progress)
         logger.info("CaLLiPer + MHSA, inductive split (10% of the training locations held out)")
         inductive = prepare_checkins(loaded, CheckinPreprocessConfig(inductive_fraction=0.1, seed=seed))
         inductive_dir = write_prepared(inductive, out / "data" / "checkins_inductive",
                                        title="hf-mobility synthetic check-in city, inductive split")
         inductive_result = run_calliper_demo(inductive_dir, out / "calliper_mhsa_inductive", seed=seed,
-                                             max_epochs=mhsa_epochs)
+                                             max_epochs=mhsa_epochs, progress=progress)
         write_json_atomic({"conventional": calliper_result["report"], "inductive": inductive_result["report"]},
                           out / "metrics_calliper_mhsa.json")
         _plot_embeddings(inductive_result["runs"]["calliper"], inductive.locations.to_pandas(),
@@ -1279,7 +1286,7 @@ def run_demo(
     if llamamob:
         logger.info("Llama-3-8B-Mob on the grid city")
         llamamob_result = run_llamamob_demo(grid_path, out, seed=seed, num_users=num_users, max_steps=llamamob_steps,
-                                            synthetic={"seed": seed, **users})
+                                            synthetic={"seed": seed, **users}, progress=progress)
         write_json_atomic({"city": llamamob_result["report"], "second_city": llamamob_result["cross_city_report"]},
                           out / "metrics_llamamob.json")
 
@@ -1292,7 +1299,8 @@ def run_demo(
         data2_dir = write_prepared(prepare_checkins(loaded2), out / "data" / "checkins_city2",
                                    title="hf-mobility synthetic check-in city, second layout")
         extra = {"max_train_samples": nextlocmoe_samples} if nextlocmoe_samples is not None else {}
-        nextlocmoe_result = run_nextlocmoe_demo(data_dir, out, second_city=data2_dir, seed=seed, **extra)
+        nextlocmoe_result = run_nextlocmoe_demo(data_dir, out, second_city=data2_dir, seed=seed, progress=progress,
+                                                **extra)
         write_json_atomic({"city": nextlocmoe_result["report"], "second_city": nextlocmoe_result["cross_city_report"]},
                           out / "metrics_nextlocmoe.json")
         _plot_routing(nextlocmoe_result["report"]["routing"], out / "nextlocmoe_routing.png")
@@ -1302,18 +1310,19 @@ def run_demo(
         logger.info("M3ob: knowledge graph, TransE, the full model and its ablations")
         extra = {"max_epochs": m3ob_epochs} if m3ob_epochs is not None else {}
         m3ob_result = run_m3ob_demo(data_dir, out, images=tiles, activity_model=m3ob_activity_model,
-                                    variants=m3ob_variants or M3OB_VARIANTS, seed=seed, **extra)
+                                    variants=m3ob_variants or M3OB_VARIANTS, seed=seed, progress=progress,
+                                    **extra)
         write_json_atomic({"report": m3ob_result["report"], "knowledge_graph": m3ob_result["kg"],
                            "activities": m3ob_result["activities"]}, out / "metrics_m3ob.json")
 
     qtmob_result = smollm_result = None
     if qtmob:
         qtmob_result = run_qtmob_demo(data_dir, out / "location_tokenizer", out, max_steps=sft_steps,
-                                      eval_samples=eval_samples, seed=seed)
+                                      eval_samples=eval_samples, seed=seed, progress=progress)
         write_json_atomic(qtmob_result["report"], out / "metrics_qtmob.json")
         if qtmob_smollm_steps and "qtmob" in qtmob_result["runs"]:
             smollm_result = run_qtmob_smollm_demo(data_dir, out, qtmob_result["runs"]["qtmob"],
-                                                  max_steps=qtmob_smollm_steps, seed=seed)
+                                                  max_steps=qtmob_smollm_steps, seed=seed, progress=progress)
             write_json_atomic({**smollm_result["report"], "train_seconds": smollm_result["train_seconds"],
                                "wall_seconds": smollm_result["wall_seconds"],
                                "eval_seconds": smollm_result["eval_seconds"], "steps": smollm_result["steps"]},

@@ -136,8 +136,15 @@ class SFTRecipe:
         learning_rate ... bf16:
             The `SFTConfig`/`TrainingArguments` fields of the same names (`warmup_ratio` becomes a fractional
             `warmup_steps`; `eval_steps=None` evaluates every `logging_steps`).
+        max_length (`int`, *optional*, defaults to 1024):
+            Longest row in tokens (prompt and answer). Longer rows are dropped, counted in `run_info.json`
+            (`rows_over_max_length`) and logged, not truncated: truncation would cut their answers off. `None`: no
+            limit.
         resume_from_checkpoint (`str`, *optional*):
             A checkpoint folder, or `"last"`/`"true"` for the newest checkpoint in `output_dir`.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show the Trainer's progress bar; `false` (`mobility -q train sft`) shows neither the bar nor the loss
+            lines Trainer would print in its place (the log history is still in `trainer_state.json`).
     """
 
     instructions: str | None = None
@@ -177,6 +184,7 @@ class SFTRecipe:
     seed: int = 0
     bf16: bool = False
     resume_from_checkpoint: str | None = None
+    progress: bool = True
 
     def __post_init__(self):
         coerce_fields(self)
@@ -639,6 +647,27 @@ def _checkpointing_kwargs(config_class, enabled: bool) -> dict[str, bool]:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
+def _drop_rows_over_max_length(dataset, max_length: int, what: str):
+    """`(dataset, dropped)`: the tokenised rows of at most `max_length` tokens, and how many were longer.
+
+    Truncation keeps a row's start, so a row over the limit would lose its answer (the location code, the JSON of
+    the predicted days) and train on a prompt alone; such rows are dropped, counted and logged instead.
+    """
+    before = len(dataset)
+    kept = dataset.filter(lambda ids: [len(x) <= max_length for x in ids], input_columns="input_ids", batched=True,
+                          desc=f"Dropping {what} rows over max_length")
+    dropped = before - len(kept)
+    if dropped == before:
+        raise ValueError(f"all {before:,} {what} rows are longer than max_length={max_length} tokens: raise "
+                         "`max_length`, or cap the prompts when building the instructions (humob-qa: "
+                         "`--max-input-tokens`, QT-Mob: `--max-history`)")
+    if dropped:
+        logger.warning("dropped %d of %d %s rows longer than max_length=%d tokens (truncation would cut their "
+                       "answers off); raise `max_length` or cap the prompts when building the instructions",
+                       dropped, before, what, max_length)
+    return kept, dropped
+
+
 def run_sft(recipe: SFTRecipe) -> Path:
     """Fine-tune a causal LM on the instruction sets of `recipe` and write the run folder (see the module docstring).
 
@@ -649,7 +678,7 @@ def run_sft(recipe: SFTRecipe) -> Path:
         `Path`: the run folder (`recipe.output_dir`).
     """
     from accelerate import PartialState
-    from transformers import set_seed
+    from transformers import PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from tokenization_mobility import LocationTokenizer
@@ -701,7 +730,7 @@ def run_sft(recipe: SFTRecipe) -> Path:
     do_eval = eval_ds is not None and eval_ds.num_rows > 0
     args = SFTConfig(
         output_dir=str(out),
-        max_length=recipe.max_length,
+        max_length=None,  # rows over recipe.max_length are dropped and counted below, not cut (TRL keeps the start)
         completion_only_loss=recipe.completion_only_loss,
         packing=False,
         loss_type="nll",
@@ -728,6 +757,7 @@ def run_sft(recipe: SFTRecipe) -> Path:
         use_cpu=not _has_accelerator(),  # without it, transformers refuses bf16 on a machine without a GPU
         dataloader_num_workers=0,
         dataloader_pin_memory=_has_accelerator(),  # pinning without a GPU only warns
+        disable_tqdm=not recipe.progress,
     )
     trainer = SFTTrainer(
         model=model,
@@ -737,6 +767,15 @@ def run_sft(recipe: SFTRecipe) -> Path:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    if not recipe.progress:
+        trainer.remove_callback(PrinterCallback)  # without the bar, Trainer would print every log dict instead
+    over_max_length = {}
+    if recipe.max_length is not None:
+        trainer.train_dataset, over_max_length["train"] = _drop_rows_over_max_length(
+            trainer.train_dataset, recipe.max_length, "training")
+        if do_eval:
+            trainer.eval_dataset, over_max_length["eval"] = _drop_rows_over_max_length(
+                trainer.eval_dataset, recipe.max_length, "evaluation")
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_state()  # trainer_state.json (log history) in the run folder, main process only
     _save_merged_model(recipe, trainer, out)
@@ -762,8 +801,9 @@ def run_sft(recipe: SFTRecipe) -> Path:
             "base_model": recipe.base_model,
             "peft": "lora" if recipe.use_peft else None,
             "train_rows_per_task": counts,
-            "train_rows": train_ds.num_rows,
-            "eval_rows": eval_ds.num_rows if do_eval else 0,
+            "train_rows": len(trainer.train_dataset),
+            "eval_rows": len(trainer.eval_dataset) if do_eval else 0,
+            "rows_over_max_length": over_max_length,
             "vocab_size": len(tokenizer),
             "trainable_parameters": trainable,
             "parameters": total,
