@@ -30,6 +30,7 @@ from train.calliper import (
     main,
     poi_text,
     retrieval_metrics,
+    visit_profile_texts,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -360,6 +361,65 @@ def test_poi_texts_wording_and_fallbacks():
     assert build_poi_texts(frame, include_names=False).tolist() == ["A place of Bar", "A place"]
 
 
+def test_visit_profile_texts_hand_computed():
+    rows = []  # (location, user, day, hour); day 0 is a Monday, so days 5, 6, 12 and 13 are weekend days
+    rows += [("L1", u, d, 19) for u, d in zip("abcde", range(5))]  # 5 weekday evenings, 5 people
+    rows += [("L2", "a", 5, 8), ("L2", "a", 6, 13), ("L2", "a", 12, 20)]  # weekend, morning / midday / evening
+    rows += [("L3", "f", 7, 3), ("L3", "f", 13, 3)]  # nights, a Monday and a Sunday
+    checkins = pd.DataFrame(rows, columns=["location_id", "user_id", "day", "hour"])
+    checkins["timestamp"] = checkins["day"] * 86400 + checkins["hour"] * 3600 + 600
+    texts = visit_profile_texts(checkins, ["L1", "L2", "L3", "L4"], day0_weekday=0)
+    # weekend share of all visits 4/10: L1 (0) is 15 points below, L2 (1) above, L3 (1/2) within; visits 5 / 3 / 2
+    # and people 5 / 1 / 1 fall in the thirds of the visited places, a tie with the lower cut in the lower third
+    assert texts.tolist() == [
+        "visited mostly in the evening, mostly on weekdays; busy, by many different people",
+        "visited at all times of day, mostly at weekends; visited now and then, by few people",
+        "visited mostly at night, all week; rarely visited, by few people",
+        "",  # no check-ins
+    ]
+    # local time: the same visits 2 hours earlier in UTC, with a +120 min offset, give the same texts
+    shifted = checkins.assign(timestamp=checkins["timestamp"] - 7200, tz_offset_min=120)
+    assert visit_profile_texts(shifted, ["L1", "L2", "L3", "L4"], day0_weekday=0).tolist() == texts.tolist()
+    with pytest.raises(ValueError, match="user_id"):
+        visit_profile_texts(checkins.drop(columns="user_id"), ["L1"])
+
+
+def test_locations_without_attributes_get_visit_profile_texts(tmp_path, monkeypatch):
+    """Gowalla-style data (no category, name or land use): every attribute text would be "A place", so the texts
+    describe the places' visits instead, and the encoder learns to retrieve them better than chance."""
+    from dataset_builders.preprocess import CheckinPreprocessConfig, prepare_checkins
+    from dataset_builders.publish import write_prepared
+    from dataset_builders.readers import read_dataset
+    from dataset_builders.synthetic import synthesize_checkins
+    from train.calliper import train_calliper
+
+    monkeypatch.setenv("HF_MOBILITY_HOME", str(tmp_path / "home"))
+    ck = synthesize_checkins(num_users=8, num_locations=80, num_days=40, seed=1).checkins
+    stamps = pd.to_datetime(ck["timestamp"], unit="s", utc=True).dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    pd.DataFrame({"user": ck["user_id"], "time": stamps, "lat": ck["latitude"], "lon": ck["longitude"],
+                  "loc": ck["location_id"]}).to_csv(tmp_path / "gowalla.txt", sep="\t", header=False, index=False)
+    cfg = CheckinPreprocessConfig(min_user_visits=5, min_location_visits=3, seed=0)
+    data = write_prepared(prepare_checkins(read_dataset("gowalla", tmp_path / "gowalla.txt"), cfg), tmp_path / "data")
+    tiny = dict(frequency_num=8, hidden_size=32, num_residual_blocks=1, embedding_dim=16, batch_size=16, max_epochs=3,
+                seed=0, num_threads=1)
+    result = train_calliper(data, tmp_path / "run", progress=False, **tiny)
+    assert result.report["poi_text_source"] == "visits"
+    table = pd.read_parquet(tmp_path / "run" / "poi_texts.parquet")
+    texts = table["text"]
+    from dataset_builders.publish import load_prepared
+
+    trained_at = set(load_prepared(data).table("checkins", "train").column("location_id").to_pylist())
+    # a place's profile comes from its training check-ins; a place first visited after the training days has none
+    assert (texts.str.startswith("A place, visited ") == table["location_id"].isin(trained_at)).all()
+    assert (texts == "A place").sum() == (~table["location_id"].isin(trained_at)).sum() < len(texts) // 10
+    assert result.report["num_distinct_texts"] == texts.nunique() > 5
+    assert "visit profile" in (tmp_path / "run" / "README.md").read_text()
+    bare = train_calliper(data, tmp_path / "bare", progress=False, poi_texts="attributes", **tiny)
+    assert bare.report["num_distinct_texts"] == 1  # what InfoNCE would have had: one text for every place
+    with pytest.raises(ValueError, match="poi_texts"):
+        load_recipe(None, poi_texts="names")
+
+
 def test_recipes_load_and_reject_unknown_keys(tmp_path):
     from train.calliper import DEMO_RECIPE, PAPER_RECIPE
 
@@ -446,6 +506,7 @@ def test_train_calliper_writes_outputs_and_keeps_heldout_unseen(prepared_dir, tm
     assert seen_texts == [texts["text"][~heldout].tolist()]
     report = json.loads((out / "report.json").read_text())
     assert report["num_heldout_locations"] == int(heldout.sum())
+    assert report["poi_text_source"] == "attributes"  # the synthetic city's places have categories and names
     assert report["num_train_locations"] + report["num_validation_locations"] == int((~heldout).sum())
     assert report["num_validation_locations"] == (texts["split"] == "validation").sum() >= 1
     assert 1 <= report["best_epoch"] <= report["epochs_trained"] <= 3

@@ -117,6 +117,12 @@ class CaLLiPerRecipe:
         text_batch_size (`int`, *optional*, defaults to 64): texts per forward pass of the sentence encoder.
         include_names (`bool`, *optional*, defaults to `True`): end the POI texts with ", called {name}" (CaLLiPer+
             and QT-Mob use names; the original CaLLiPer texts are categories only).
+        poi_texts (`str`, *optional*, defaults to `"auto"`): what the POI texts say. `"attributes"`: the location
+            table's category, group, land use and name ([`poi_text`]). `"visits"`: those followed by the place's visit
+            profile from the training check-ins ([`visit_profile_texts`]: when, how much and by how many people it is
+            visited; an hf-mobility addition). `"auto"`: `"visits"` when the attributes give every trained location
+            the same text (no categories or names, e.g. Gowalla: InfoNCE against one text learns nothing), else
+            `"attributes"`.
         num_threads (`int`, *optional*): torch CPU threads during the run (restored after); `None` leaves the setting
             alone. The steps of this small model are short, so on a busy or small CPU one thread is often fastest
             (the demo recipe uses 1).
@@ -144,10 +150,13 @@ class CaLLiPerRecipe:
     seed: int = 42
     text_batch_size: int = 64
     include_names: bool = True
+    poi_texts: str = "auto"
     num_threads: int | None = None
 
     def __post_init__(self):
         coerce_fields(self)
+        if self.poi_texts not in POI_TEXT_SOURCES:
+            raise ValueError(f"recipe key `poi_texts` must be one of {list(POI_TEXT_SOURCES)}, got {self.poi_texts!r}")
         for name in ("batch_size", "max_epochs", "text_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"recipe key `{name}` must be >= 1, got {getattr(self, name)}")
@@ -255,6 +264,83 @@ def build_poi_texts(locations: pd.DataFrame, include_names: bool = True) -> pd.S
         for c, g, m, u in zip(column("category"), column("category_group"), column("name"), column("land_use"))
     ]
     return pd.Series(texts, index=locations.index, dtype=object, name="text")
+
+
+POI_TEXT_SOURCES = ("auto", "attributes", "visits")
+# parts of the day of the visit profiles, by local hour (start hours; the last part runs to midnight)
+_PARTS_OF_DAY = (("at night", 0), ("in the morning", 6), ("around midday", 11), ("in the afternoon", 14),
+                 ("in the evening", 18), ("at night", 22))
+_LEVELS = {"visits": ("rarely visited", "visited now and then", "busy"),
+           "people": ("by few people", "by a fair number of people", "by many different people")}
+
+
+def visit_profile_texts(checkins: pd.DataFrame, location_ids, *, day0_weekday: int = 3) -> pd.Series:
+    """What the check-ins say about each place, as words: `"visited mostly in the evening, mostly at weekends; busy,
+    by many different people"` (an hf-mobility addition to CaLLiPer's POI texts, for data without categories or names,
+    such as Gowalla).
+
+    - the part of the day (local time) with most visits when it holds at least 40% of them, else "at all times of day";
+    - "mostly at weekends" / "mostly on weekdays" when the place's weekend share is 15 points above / below the share
+      of all check-ins, else "all week";
+    - the third of the visited places it falls in by visits, and by distinct visitors.
+
+    Args:
+        checkins: `location_id`, `user_id`, `timestamp` (Unix seconds) and optionally `tz_offset_min` (pass the
+            training check-ins only: the texts are training data).
+        location_ids: the places to describe, in order.
+        day0_weekday: weekday (0 = Monday) of day 0 of the timestamps (3 for Unix time).
+
+    Returns:
+        `pd.Series` of strings aligned with `location_ids`; `""` for a place without check-ins.
+    """
+    from dataset_builders.knowledge_graph import WEEKEND_DAYS
+    from dataset_builders.preprocess import local_time_features
+
+    missing = {"location_id", "user_id", "timestamp"} - set(checkins.columns)
+    if missing:
+        raise ValueError(f"`checkins` lacks the columns {sorted(missing)}")
+    ids = pd.Index(pd.Series(list(location_ids), dtype=object).astype(str))
+    texts = pd.Series([""] * len(ids), dtype=object, name="text")
+    pos = ids.get_indexer(checkins["location_id"].astype(str))
+    keep = pos >= 0
+    if not keep.any():
+        return texts
+    pos = pos[keep]
+    tz = checkins["tz_offset_min"].to_numpy()[keep] if "tz_offset_min" in checkins else 0
+    _, hour, _, weekday = local_time_features(checkins["timestamp"].to_numpy()[keep], tz, day0_weekday)
+    part_names = list(dict.fromkeys(name for name, _ in _PARTS_OF_DAY))
+    part = pd.Index(part_names).get_indexer(
+        [_PARTS_OF_DAY[i][0] for i in np.searchsorted([h for _, h in _PARTS_OF_DAY], hour, side="right") - 1])
+    n = len(ids)
+    by_part = np.zeros((n, len(part_names)))
+    np.add.at(by_part, (pos, part), 1)
+    visits = by_part.sum(1)
+    weekend = np.bincount(pos, weights=np.isin(weekday, WEEKEND_DAYS).astype(float), minlength=n)
+    people = pd.DataFrame({"pos": pos, "user": checkins["user_id"].to_numpy()[keep]}).groupby("pos")["user"].nunique()
+    people = people.reindex(range(n), fill_value=0).to_numpy()
+    visited = visits > 0
+    overall_weekend = weekend.sum() / visits.sum()
+
+    def thirds(values: np.ndarray) -> np.ndarray:
+        cuts = np.quantile(values[visited], [1 / 3, 2 / 3])
+        return np.searchsorted(cuts, values, side="left")  # a tie with the lower cut is the lower third
+
+    visit_level, people_level = thirds(visits), thirds(people)
+    for i in np.flatnonzero(visited):
+        top = int(by_part[i].argmax())
+        when = f"mostly {part_names[top]}" if by_part[i, top] >= 0.4 * visits[i] else "at all times of day"
+        share = weekend[i] / visits[i]
+        week = ("mostly at weekends" if share >= overall_weekend + 0.15 else
+                "mostly on weekdays" if share <= overall_weekend - 0.15 else "all week")
+        texts.iat[i] = (f"visited {when}, {week}; {_LEVELS['visits'][visit_level[i]]}, "
+                        f"{_LEVELS['people'][people_level[i]]}")
+    return texts
+
+
+def _with_visit_profiles(texts: pd.Series, profiles: pd.Series) -> pd.Series:
+    """`"A place of Bar, visited mostly in the evening, ..."`; a place without visits keeps its attribute text."""
+    joined = [f"{t}, {p}" if p else t for t, p in zip(texts.tolist(), profiles.tolist())]
+    return pd.Series(joined, index=texts.index, dtype=object, name="text")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -488,6 +574,11 @@ def _model_card(report: dict, recipe: CaLLiPerRecipe, config, data_dir: Path) ->
         "no cap)"
     )
     names = ", called {name}" if recipe.include_names else ""
+    visits = ""
+    if report.get("poi_text_source") == "visits":
+        visits = (", followed by the place's visit profile from the training check-ins (when, how much and by how many "
+                  "people it is visited, e.g. \"visited mostly in the evening, mostly at weekends; busy, by many different "
+                  f"people\"; {report['num_distinct_texts']:,} distinct texts)")
     return f"""---
 library_name: transformers
 pipeline_tag: feature-extraction
@@ -512,7 +603,7 @@ the Unknown" (arXiv 2506.14070), the embeddings are meant as the input location 
 predictor. The encoder is a function of the coordinates, so locations unseen in training get embeddings too.{heldout}
 
 hf-mobility choices: {cap}; the POI texts use our wording, "A place of {{category}}, a type of
-{{category group}}{names}".
+{{category group}}{names}"{visits}.
 
 ## Use
 
@@ -738,6 +829,19 @@ def _run_calliper(
     texts = build_poi_texts(locations, include_names=recipe.include_names)
     train_rows, val_rows = _split_locations(np.flatnonzero(~heldout), recipe.validation_fraction, recipe.seed)
     assert not heldout[train_rows].any() and not heldout[val_rows].any()
+    text_source = recipe.poi_texts
+    if text_source == "auto":
+        text_source = "visits" if texts.iloc[np.concatenate([train_rows, val_rows])].nunique() <= 1 else "attributes"
+        if text_source == "visits":
+            logger.warning("the locations of %s have no category, name or land use (every POI text would be %r, "
+                           "against which InfoNCE learns nothing); the POI texts describe the places' visits instead",
+                           data_path, texts.iloc[int(train_rows[0])])
+    if text_source == "visits":
+        ck = data.table("checkins", "train").to_pandas()
+        profiles = visit_profile_texts(ck, locations["location_id"],
+                                       day0_weekday=int(data.metadata.get("day0_weekday", 3)))
+        profiles[heldout] = ""  # held-out places stay unknown (they have no training check-ins anyway)
+        texts = _with_visit_profiles(texts, profiles)
 
     out.mkdir(parents=True, exist_ok=True)
     split = np.full(len(locations), "heldout", dtype=object)
@@ -812,6 +916,8 @@ def _run_calliper(
         "num_train_locations": int(len(train_rows)),
         "num_validation_locations": int(len(val_rows)),
         "num_heldout_locations": int(heldout.sum()),
+        "poi_text_source": text_source,
+        "num_distinct_texts": int(texts.iloc[np.concatenate([train_rows, val_rows])].nunique()),
         "epochs_trained": int(epochs_trained),
         "max_epochs": recipe.max_epochs,
         "stopped_early": bool(epochs_trained < recipe.max_epochs),
