@@ -43,6 +43,17 @@ def test_outputs_and_unique_codes(run):
     assert set(codes["location_id"]) == set(locations["location_id"])
 
 
+def test_same_category_first_code_rate_hand_computed_and_without_categories():
+    from train.location_tokenizer import same_category_first_code_rate
+
+    # bar: codes 1, 1, 2 -> 1 of 3 pairs shared; cafe: 3, 3 -> 1 of 1; museum alone and the blank make no pair
+    observed, random_rate = same_category_first_code_rate(["bar", "bar", "bar", "cafe", "cafe", "museum", None],
+                                                          [1, 1, 2, 3, 3, 1, 2])
+    assert observed == pytest.approx(2 / 4) and 0.0 <= random_rate <= 1.0
+    assert same_category_first_code_rate([None, None, ""], [0, 0, 1]) == (None, None)  # Gowalla: no categories
+    assert same_category_first_code_rate(["a", "b"], [0, 0]) == (None, None)  # no two places share one
+
+
 @pytest.mark.slow
 def test_same_category_shares_first_code_far_more_than_chance(run):
     report = json.loads((run / "out" / "report.json").read_text())

@@ -502,8 +502,11 @@ def _train_location_tokenizer(args) -> None:
     usage = ", ".join(f"{u:.0%}" for u in codes["final_usage"])
     perplexity = ", ".join(f"{p:.1f}" for p in codes["final_perplexity"])
     print(f"  codebook usage per level: {usage}; perplexity: {perplexity}")
-    print(f"  same-category locations sharing their first code: {r['same_category_first_code_rate']:.1%} "
-          f"(random assignment: {r['same_category_first_code_rate_random']:.1%})")
+    if r["same_category_first_code_rate"] is None:
+        print("  same-category locations sharing their first code: no two locations share a category")
+    else:
+        print(f"  same-category locations sharing their first code: {r['same_category_first_code_rate']:.1%} "
+              f"(random assignment: {r['same_category_first_code_rate_random']:.1%})")
     print(f"wrote {result.output_dir}: tokenizer/, rqvae/, codes.parquet, descriptions.parquet, report.json, PNGs")
     print(f"load with: AutoTokenizer.from_pretrained('{result.output_dir / 'tokenizer'}', trust_remote_code=True)")
 

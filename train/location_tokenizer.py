@@ -40,9 +40,10 @@ class LocationTokenizerResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def same_category_first_code_rate(categories, first_codes, seed: int = 0) -> tuple[float, float]:
+def same_category_first_code_rate(categories, first_codes, seed: int = 0) -> tuple[float | None, float | None]:
     """How often two locations of the same category share their first-level code, and the same rate for a random
-    code assignment with the same code usage (a permutation of the codes). Returns (observed, random)."""
+    code assignment with the same code usage (a permutation of the codes). Returns (observed, random); `(None, None)`
+    when no two locations share a category (e.g. Gowalla, which has no categories)."""
     cats = pd.Series(categories).fillna("").astype(str).to_numpy()
     codes = np.asarray(first_codes)
     ok = cats != ""
@@ -56,6 +57,8 @@ def same_category_first_code_rate(categories, first_codes, seed: int = 0) -> tup
         pairs_total = float((per_cat * (per_cat - 1) / 2).sum())
         return pairs_shared / pairs_total if pairs_total else 0.0
 
+    if not (pd.Series(cats[ok]).value_counts() > 1).any():
+        return None, None
     rng = np.random.default_rng(seed)
     random_rates = [rate(rng.permutation(codes)) for _ in range(20)]
     return rate(codes), float(np.mean(random_rates))
