@@ -647,7 +647,7 @@ def _checkpointing_kwargs(config_class, enabled: bool) -> dict[str, bool]:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
-def _drop_rows_over_max_length(dataset, max_length: int, what: str):
+def _drop_rows_over_max_length(dataset, max_length: int, what: str, humob: bool):
     """`(dataset, dropped)`: the tokenised rows of at most `max_length` tokens, and how many were longer.
 
     Truncation keeps a row's start, so a row over the limit would lose its answer (the location code, the JSON of
@@ -657,14 +657,16 @@ def _drop_rows_over_max_length(dataset, max_length: int, what: str):
     kept = dataset.filter(lambda ids: [len(x) <= max_length for x in ids], input_columns="input_ids", batched=True,
                           desc=f"Dropping {what} rows over max_length")
     dropped = before - len(kept)
+    shorter = ("fewer days in the rows (`mobility data instructions --input-days`, `--predict-days`), or "
+               "`--max-input-tokens N --tokenizer TOKENIZER` (drops the oldest input days)" if humob else
+               "shorter histories (`mobility data instructions --max-history`)")
     if dropped == before:
         raise ValueError(f"all {before:,} {what} rows are longer than max_length={max_length} tokens: raise "
-                         "`max_length`, or cap the prompts when building the instructions (humob-qa: "
-                         "`--max-input-tokens`, QT-Mob: `--max-history`)")
+                         f"`max_length`, or build the instructions with {shorter}")
     if dropped:
         logger.warning("dropped %d of %d %s rows longer than max_length=%d tokens (truncation would cut their "
-                       "answers off); raise `max_length` or cap the prompts when building the instructions",
-                       dropped, before, what, max_length)
+                       "answers off); raise `max_length`, or build the instructions with %s",
+                       dropped, before, what, max_length, shorter)
     return kept, dropped
 
 
@@ -772,10 +774,10 @@ def run_sft(recipe: SFTRecipe) -> Path:
     over_max_length = {}
     if recipe.max_length is not None:
         trainer.train_dataset, over_max_length["train"] = _drop_rows_over_max_length(
-            trainer.train_dataset, recipe.max_length, "training")
+            trainer.train_dataset, recipe.max_length, "training", recipe.is_humob)
         if do_eval:
             trainer.eval_dataset, over_max_length["eval"] = _drop_rows_over_max_length(
-                trainer.eval_dataset, recipe.max_length, "evaluation")
+                trainer.eval_dataset, recipe.max_length, "evaluation", recipe.is_humob)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_state()  # trainer_state.json (log history) in the run folder, main process only
     _save_merged_model(recipe, trainer, out)
