@@ -31,6 +31,11 @@ whatever the weights.
    decoder). Seconds are the report's `generation_seconds` (rendering, tokenising and generating); users/s is users
    over that; best of `--repeats`, after one warm-up call on two users. The last line says whether batching is at least 3x faster
    per user than batch size 1 (the issue's target).
+3. Training step time by batch layout (`--layout-steps` steps each, 0 skips it), on the demo-horizon rows with the demo
+   recipe: its own layout (8 micro-batches of 1 row per optimiser step, no padding), one padded batch of 8 rows, and 8
+   rows grouped by length (`group_by_length`). Seconds per step come from Trainer's `train_runtime`; padded tokens are
+   the share of pad tokens in the batches the layout feeds the model; the training loss (the mean over the steps)
+   shows whether two layouts take the same optimiser steps.
 
 OpenMP waiting: the script runs with the environment's `OMP_WAIT_POLICY` (unset: OpenMP's default, what `mobility
 predict` gets), or `PASSIVE` with `--omp-passive` (set before torch is imported). On an idle machine the default is
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -235,6 +241,47 @@ def bench_generation(args, model, tokenizer, data_dir: Path, qa: Path, batch_siz
           f"{verdict} (best: batch size {best_bs}, {speedup:.2f}x users/s{at_default})")
 
 
+def bench_training_layouts(qa: Path, steps: int, seed: int) -> None:
+    """Section 3: seconds per training step of the demo recipe in three batch layouts (module docstring)."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    from train.sft import load_recipe, run_sft
+
+    layouts = [("8 micro-batches of 1 (the recipe)", {"per_device_train_batch_size": 1,
+                                                      "gradient_accumulation_steps": 8}),
+               ("1 batch of 8, padded", {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}),
+               ("1 batch of 8, grouped by length", {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+                                                    "group_by_length": True})]
+    print(f"\n3. Training steps by batch layout ({steps} optimiser steps of 8 rows each, demo recipe, demo-horizon "
+          "rows)\n")
+    print("| layout | s/step | padded tokens | training loss (mean of the steps) |")
+    print("|---|---:|---:|---:|")
+    with tempfile.TemporaryDirectory(prefix="bench_layouts_") as tmp:
+        for i, (name, layout) in enumerate(layouts):
+            recipe = load_recipe(LLAMAMOB_RECIPE, instructions=str(qa), output_dir=str(Path(tmp) / str(i)),
+                                 max_steps=steps, seed=seed, eval_samples=0, save_steps=10**9,
+                                 logging_steps=steps, progress=False, **layout)
+            fed = {"real": 0, "all": 0}
+            original = LlamaModel.forward
+
+            def counted(self, input_ids=None, attention_mask=None, *args, _original=original, _fed=fed, **kwargs):
+                if self.training and input_ids is not None:  # the batches the layout feeds the model
+                    _fed["all"] += input_ids.numel()
+                    _fed["real"] += int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
+                return _original(self, input_ids, attention_mask, *args, **kwargs)
+
+            LlamaModel.forward = counted
+            try:
+                run = run_sft(recipe)
+            finally:
+                LlamaModel.forward = original
+            state = json.loads((run / "trainer_state.json").read_text())
+            runtime = next(e["train_runtime"] for e in state["log_history"] if "train_runtime" in e)
+            loss = next(e["train_loss"] for e in state["log_history"] if "train_loss" in e)
+            padded = 1 - fed["real"] / fed["all"] if fed["all"] else float("nan")
+            print(f"| {name} | {runtime / steps:.2f} | {padded:.0%} | {loss:.4f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, default=None,
@@ -257,13 +304,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--omp-passive", action="store_true",
                         help="OMP_WAIT_POLICY=PASSIVE (for a machine that other work keeps busy; slower when idle)")
+    parser.add_argument("--layout-steps", type=int, default=60,
+                        help="optimiser steps timed per training batch layout in section 3 (default 60; 0 skips it)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic city, the split and the training")
     args = parser.parse_args(argv)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     if not batch_sizes or min(batch_sizes) < 1:
         parser.error(f"--batch-sizes must list positive integers, got {args.batch_sizes!r}")
-    if args.users < 0 or args.repeats < 1 or args.train_steps < 1 or args.threads < 0:
-        parser.error("--repeats and --train-steps must be positive, --users and --threads non-negative")
+    if args.users < 0 or args.repeats < 1 or args.train_steps < 1 or args.threads < 0 or args.layout_steps < 0:
+        parser.error("--repeats and --train-steps must be positive, --users, --threads and --layout-steps "
+                     "non-negative")
     if args.run is not None and not (args.run / "model").is_dir():
         parser.error(f"--run {args.run} has no model/ folder")
     if args.threads:
@@ -318,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{params:,} parameters, vocab {len(tokenizer):,}")
         bench_prompts(tokenizer, {h: qa for h, (_, qa) in dirs.items()})
         bench_generation(args, model, tokenizer, *dirs["demo"], batch_sizes)
+        if args.layout_steps:
+            bench_training_layouts(dirs["demo"][1], args.layout_steps, args.seed)
 
 
 if __name__ == "__main__":

@@ -187,6 +187,28 @@ def test_rows_over_max_length_are_dropped_and_counted_not_truncated(toy, tmp_pat
                         per_device_train_batch_size=20))
 
 
+def test_group_by_length_batches_rows_of_similar_length(toy, tmp_path, monkeypatch):
+    import transformers.trainer as hf_trainer
+
+    samplers = []
+
+    class Spy(hf_trainer.LengthGroupedSampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            samplers.append(self)
+
+    monkeypatch.setattr(hf_trainer, "LengthGroupedSampler", Spy)
+    run_sft(_recipe(toy, tmp_path / "random", max_steps=1))
+    assert samplers == []  # the default: random batches
+    run_sft(_recipe(toy, tmp_path / "grouped", max_steps=1, group_by_length=True))
+    (sampler,) = samplers
+    order, lengths = list(sampler), sampler.lengths
+    assert sorted(order) == list(range(len(lengths)))
+    assert len(set(lengths)) > 1
+    batch = [lengths[i] for i in order]  # the 16 rows max_steps=1 consumes: one group, sorted by length
+    assert batch == sorted(lengths, reverse=True)
+
+
 def test_recipe_yaml_and_cli_overrides(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text("instructions: data/instr\nlearning_rate: 2e-4\nmax_length: null\nbf16: false\n"

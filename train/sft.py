@@ -136,6 +136,13 @@ class SFTRecipe:
         learning_rate ... bf16:
             The `SFTConfig`/`TrainingArguments` fields of the same names (`warmup_ratio` becomes a fractional
             `warmup_steps`; `eval_steps=None` evaluates every `logging_steps`).
+        group_by_length (`bool`, *optional*, defaults to `False`):
+            Batch rows of similar length together (`LengthGroupedSampler`: random groups of 50 batches, sorted by
+            length within each), so that a batch is padded to about its rows' own length rather than to the longest
+            of random rows; attention costs grow with the square of the padded length. Batches of alike rows learn
+            less per step, though: on the Llama-3-8B-Mob demo it was 1.4x faster per step but scored lower at equal
+            time; there, micro-batches of one row (`per_device_train_batch_size: 1` with `gradient_accumulation_steps`)
+            take the same steps as random batches, unpadded (`benchmarks/bench_humob.py`, section 3).
         max_length (`int`, *optional*, defaults to 1024):
             Longest row in tokens (prompt and answer). Longer rows are dropped, counted in `run_info.json`
             (`rows_over_max_length`) and logged, not truncated: truncation would cut their answers off. `None`: no
@@ -173,6 +180,7 @@ class SFTRecipe:
     per_device_eval_batch_size: int = 16
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
+    group_by_length: bool = False
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
@@ -744,6 +752,7 @@ def run_sft(recipe: SFTRecipe) -> Path:
         per_device_eval_batch_size=recipe.per_device_eval_batch_size,
         gradient_accumulation_steps=recipe.gradient_accumulation_steps,
         **_checkpointing_kwargs(SFTConfig, recipe.gradient_checkpointing),
+        train_sampling_strategy="group_by_length" if recipe.group_by_length else "random",
         lr_scheduler_type=recipe.lr_scheduler_type,
         warmup_steps=recipe.warmup_ratio,  # a value < 1 is a fraction of the training steps
         weight_decay=recipe.weight_decay,
