@@ -308,9 +308,9 @@ def visit_profile_texts(checkins: pd.DataFrame, location_ids, *, day0_weekday: i
     pos = pos[keep]
     tz = checkins["tz_offset_min"].to_numpy()[keep] if "tz_offset_min" in checkins else 0
     _, hour, _, weekday = local_time_features(checkins["timestamp"].to_numpy()[keep], tz, day0_weekday)
-    part_names = list(dict.fromkeys(name for name, _ in _PARTS_OF_DAY))
-    part = pd.Index(part_names).get_indexer(
-        [_PARTS_OF_DAY[i][0] for i in np.searchsorted([h for _, h in _PARTS_OF_DAY], hour, side="right") - 1])
+    part_names = list(dict.fromkeys(name for name, _ in _PARTS_OF_DAY))  # "at night" both starts and ends the day
+    part_of_start = pd.Index(part_names).get_indexer([name for name, _ in _PARTS_OF_DAY])
+    part = part_of_start[np.searchsorted([h for _, h in _PARTS_OF_DAY], hour, side="right") - 1]
     n = len(ids)
     by_part = np.zeros((n, len(part_names)))
     np.add.at(by_part, (pos, part), 1)
@@ -829,9 +829,10 @@ def _run_calliper(
     texts = build_poi_texts(locations, include_names=recipe.include_names)
     train_rows, val_rows = _split_locations(np.flatnonzero(~heldout), recipe.validation_fraction, recipe.seed)
     assert not heldout[train_rows].any() and not heldout[val_rows].any()
+    seen_rows = np.sort(np.concatenate([train_rows, val_rows]))  # the locations whose texts the model may see
     text_source = recipe.poi_texts
     if text_source == "auto":
-        text_source = "visits" if texts.iloc[np.concatenate([train_rows, val_rows])].nunique() <= 1 else "attributes"
+        text_source = "visits" if texts.iloc[seen_rows].nunique() <= 1 else "attributes"
         if text_source == "visits":
             logger.warning("the locations of %s have no category, name or land use (every POI text would be %r, "
                            "against which InfoNCE learns nothing); the POI texts describe the places' visits instead",
@@ -859,7 +860,6 @@ def _run_calliper(
 
     # frozen sentence embeddings of the texts the model may see: training and validation locations only
     encoder_path = recipe.encoder or default_encoder_path()
-    seen_rows = np.sort(np.concatenate([train_rows, val_rows]))
     logger.info("encoding %d POI texts with %s (held-out locations' texts are not used)", len(seen_rows), encoder_path)
     seen_embeddings = encode_texts(
         texts.iloc[seen_rows].tolist(),
@@ -917,7 +917,7 @@ def _run_calliper(
         "num_validation_locations": int(len(val_rows)),
         "num_heldout_locations": int(heldout.sum()),
         "poi_text_source": text_source,
-        "num_distinct_texts": int(texts.iloc[np.concatenate([train_rows, val_rows])].nunique()),
+        "num_distinct_texts": int(texts.iloc[seen_rows].nunique()),
         "epochs_trained": int(epochs_trained),
         "max_epochs": recipe.max_epochs,
         "stopped_early": bool(epochs_trained < recipe.max_epochs),
